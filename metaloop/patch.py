@@ -1,0 +1,325 @@
+"""Stateless modules: run any ``nn.Module`` with substituted fast weights and keep their history.
+
+:func:`monkeypatch` turns a module into a :class:`FunctionalModule` whose forward takes
+``params=`` (a list in ``module.parameters()`` order). It is built on
+:func:`torch.func.functional_call`: the original module is neither deep-copied nor has its
+class rewritten. Buffers (BatchNorm running statistics) are copied into the functional module
+and evolve there, leaving the original untouched.
+
+The names and semantics are higher's (``higher.patch``): ``monkeypatch``, ``make_functional``,
+``buffer_sync``, and the ``fast_params`` / ``init_fast_params`` / ``parameters(time=)`` /
+``update_params`` / ``track_higher_grads`` members of the patched module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
+
+from metaloop.utils import _copy_tensor
+
+__all__ = ["FunctionalModule", "monkeypatch", "make_functional", "buffer_sync"]
+
+Device = torch.device | str | None
+
+
+def _check_params(names: Sequence[str], reference: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+    if len(params) != len(names):
+        raise ValueError(
+            f"expected {len(names)} fast weights (one per entry of module.parameters()), got {len(params)}"
+        )
+    for name, ref, p in zip(names, reference, params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"fast weight for {name!r} must be a Tensor, got {type(p).__name__}")
+        if p.shape != ref.shape:
+            raise ValueError(
+                f"fast weight for {name!r} has shape {tuple(p.shape)}, expected {tuple(ref.shape)}"
+            )
+
+
+class FunctionalModule(nn.Module):
+    """A stateless view of ``module`` that runs its forward with fast weights.
+
+    Calling ``fmodel(*args, params=None, **kwargs)`` runs ``module.forward`` with ``params``
+    (a list in ``module.parameters()`` order) or, if omitted, the latest fast weights. As in
+    higher, passing ``params`` also records them as the latest fast weights. Submodules are
+    reachable as attributes (``fmodel.encoder(x)`` uses the fast weights too), as are the
+    module's other methods, which then run with the fast weights substituted.
+
+    Train/eval mode is the functional module's own: ``fmodel.eval()`` does not change the
+    original module.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        buffers: dict[str, torch.Tensor] | None = None,
+        track_higher_grads: bool = True,
+    ) -> None:
+        super().__init__()
+        # Not registered as a submodule: the functional module owns no parameters of its own.
+        object.__setattr__(self, "_module", module)
+        named = list(module.named_parameters())
+        self._param_names: list[str] = [n for n, _ in named]
+        self._reference_params: list[torch.Tensor] = [p for _, p in named]
+        index = {id(p): i for i, p in enumerate(self._reference_params)}
+        # Every name a parameter is reachable under, tied aliases included.
+        self._param_index: dict[str, int] = {
+            n: index[id(p)] for n, p in module.named_parameters(remove_duplicate=False)
+        }
+        self._fmodule_buffers: dict[str, torch.Tensor] = (
+            dict(module.named_buffers()) if buffers is None else dict(buffers)
+        )
+        self._submodules: list[nn.Module] = list(module.modules())
+        self._modes: list[bool] = [m.training for m in self._submodules]
+        self.training = module.training
+        self._fast_params: list[list[torch.Tensor]] | None = None
+        self._views: dict[str, _SubmoduleView] = {}
+        self.track_higher_grads = track_higher_grads
+
+    # -- fast weights -------------------------------------------------------------------
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether the history of fast weights (and their graph) is kept."""
+        return self._track_higher_grads
+
+    @track_higher_grads.setter
+    def track_higher_grads(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"track_higher_grads must be a bool, got {value!r}")
+        self._track_higher_grads = value
+
+    @property
+    def fast_params(self) -> list[torch.Tensor] | None:
+        """The latest fast weights, or None before any were given."""
+        return None if self._fast_params is None else self._fast_params[-1]
+
+    @fast_params.setter
+    def fast_params(self, value: Iterable[torch.Tensor]) -> None:
+        value = list(value)
+        _check_params(self._param_names, self._reference_params, value)
+        if self._fast_params is None:
+            self._fast_params = [value]
+        elif self._track_higher_grads:
+            latest = self._fast_params[-1]
+            if len(latest) != len(value) or any(a is not b for a, b in zip(latest, value)):
+                self._fast_params.append(value)
+        else:
+            self._fast_params = [value]
+
+    @property
+    def init_fast_params(self) -> list[torch.Tensor] | None:
+        """The initial fast weights (time 0)."""
+        if self._fast_params is None:
+            return None
+        if not self._track_higher_grads:
+            raise RuntimeError(
+                "init_fast_params is unavailable with track_higher_grads=False: only the latest "
+                "fast weights are kept; use fmodel.fast_params"
+            )
+        return self._fast_params[0]
+
+    def update_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Records ``params`` as the latest fast weights."""
+        self.fast_params = params
+
+    def parameters(self, time: int | None = None, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        """Returns an iterator over the fast weights at step ``time`` (default: the latest)."""
+        if self._fast_params is None:
+            raise ValueError(
+                "this functional module holds no fast weights yet: pass params= to its forward "
+                "or call update_params"
+            )
+        if time is None:
+            time = -1
+        if not self._track_higher_grads and time not in (-1, 0):
+            raise ValueError(
+                f"parameters(time={time}) is unavailable with track_higher_grads=False: only the "
+                "latest fast weights are kept (time=None, -1 or 0)"
+            )
+        try:
+            return iter(self._fast_params[time])
+        except IndexError:
+            raise ValueError(
+                f"parameters(time={time}): only times 0..{len(self._fast_params) - 1} are recorded"
+            ) from None
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # type: ignore[override]
+        """Returns ``(name, fast weight)`` pairs of the latest fast weights."""
+        pre = f"{prefix}." if prefix else ""
+        return iter([(pre + n, p) for n, p in zip(self._param_names, self.parameters())])
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        """Returns an iterator over the functional module's own buffers."""
+        return iter(self._fmodule_buffers.values())
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # type: ignore[override]
+        """Returns ``(name, buffer)`` pairs of the functional module's own buffers."""
+        pre = f"{prefix}." if prefix else ""
+        return iter([(pre + n, b) for n, b in self._fmodule_buffers.items()])
+
+    # -- running the module -------------------------------------------------------------
+    def train(self, mode: bool = True) -> FunctionalModule:
+        """Sets the functional module's own train/eval mode; the original module is untouched."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode must be a bool, got {mode!r}")
+        self.training = mode
+        self._modes = [mode] * len(self._submodules)
+        return self
+
+    def _tensors(self, params: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if params is not None:
+            self.fast_params = params
+        if self._fast_params is None:
+            raise ValueError(
+                "params= must be given: this functional module does not hold fast weights "
+                "(make_functional) and none were recorded yet"
+            )
+        latest = self._fast_params[-1]
+        tensors = dict(zip(self._param_names, latest))
+        tensors.update(self._fmodule_buffers)
+        return tensors
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        changed = [m for m, mode in zip(self._submodules, self._modes) if m.training != mode]
+        if not changed:
+            return fn()
+        saved = [m.training for m in self._submodules]
+        try:
+            for m, mode in zip(self._submodules, self._modes):
+                m.training = mode
+            return fn()
+        finally:
+            for m, mode in zip(self._submodules, saved):
+                m.training = mode
+
+    def forward(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        """Returns ``module(*args, **kwargs)`` computed with the fast weights."""
+        tensors = self._tensors(params)
+        return self._run(lambda: functional_call(self._module, tensors, args, kwargs, tie_weights=True))
+
+    def _call_path(self, path: str, attr: str | None, args: tuple, kwargs: dict, params: Sequence[torch.Tensor] | None) -> Any:
+        tensors = self._tensors(params)
+        target = self._module.get_submodule(path) if path else self._module
+
+        def call() -> Any:
+            with _reparametrize_module(self._module, tensors, tie_weights=True):
+                fn = target if attr is None else getattr(target, attr)
+                return fn(*args, **kwargs)
+
+        return self._run(call)
+
+    def _lookup(self, path: str, name: str) -> Any:
+        """Resolves ``name`` on the submodule at ``path`` with the fast weights substituted."""
+        full = f"{path}.{name}" if path else name
+        if full in self._param_index:
+            return self.fast_params[self._param_index[full]] if self._fast_params else getattr(
+                self._module.get_submodule(path) if path else self._module, name
+            )
+        if full in self._fmodule_buffers:
+            return self._fmodule_buffers[full]
+        owner = self._module.get_submodule(path) if path else self._module
+        value = getattr(owner, name)
+        if isinstance(value, nn.Module):
+            view = self._views.get(full)
+            if view is None:
+                view = self._views[full] = _SubmoduleView(self, full)
+            return view
+        if callable(value) and getattr(value, "__self__", None) is owner:
+            return lambda *a, params=None, **kw: self._call_path(path, name, a, kw, params)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        if name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self._lookup("", name)
+
+    def __repr__(self) -> str:
+        steps = 0 if self._fast_params is None else len(self._fast_params)
+        return f"FunctionalModule({self._module!r}, history={steps})"
+
+
+class _SubmoduleView:
+    """A submodule of a :class:`FunctionalModule`, run with its parent's fast weights."""
+
+    def __init__(self, root: FunctionalModule, path: str) -> None:
+        self._root = root
+        self._path = path
+
+    def __call__(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        return self._root._call_path(self._path, None, args, kwargs, params)
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """Returns the latest fast weights of this submodule, in its ``parameters()`` order."""
+        pre = self._path + "."
+        latest = self._root.fast_params or []
+        return iter([p for n, p in zip(self._root._param_names, latest) if n.startswith(pre)])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._root._lookup(self._path, name)
+
+    def __repr__(self) -> str:
+        return f"FunctionalModule view of {self._path!r}"
+
+
+def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: Device = None) -> None:
+    """Copies ``module``'s buffers into ``fmodule`` (detached clones, cast to ``device``)."""
+    if not isinstance(fmodule, FunctionalModule):
+        raise TypeError(f"buffer_sync expects a FunctionalModule, got {type(fmodule).__name__}")
+    fmodule._fmodule_buffers = {
+        name: _copy_tensor(b, safe_copy=True, device=device) for name, b in module.named_buffers()
+    }
+
+
+def make_functional(
+    module: nn.Module,
+    encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None,
+) -> FunctionalModule:
+    """Returns a stateless version of ``module`` holding no fast weights (pass ``params=``).
+
+    Buffers are shared with ``module`` until :func:`buffer_sync` copies them. ``encapsulator``,
+    if given, is called as ``encapsulator(fmodule, module)`` to finish the set-up.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"make_functional expects an nn.Module, got {type(module).__name__}")
+    fmodule = FunctionalModule(module)
+    if encapsulator is not None:
+        encapsulator(fmodule, module)
+    return fmodule
+
+
+def monkeypatch(
+    module: nn.Module,
+    device: Device = None,
+    copy_initial_weights: bool = True,
+    track_higher_grads: bool = True,
+) -> FunctionalModule:
+    """Returns a :class:`FunctionalModule` of ``module`` holding initial fast weights and buffers.
+
+    With ``copy_initial_weights=True`` the initial fast weights are detached copies of the
+    module's parameters (on ``device`` if given), so no gradient reaches the module. With
+    ``False`` they are the module's parameters themselves (moved to ``device`` on the graph),
+    so gradients through the unrolled loop reach them, as MAML needs. Buffers are copied.
+    """
+
+    def encapsulator(fmodule: FunctionalModule, mod: nn.Module) -> None:
+        if copy_initial_weights:
+            params = [_copy_tensor(p, safe_copy=True, device=device) for p in mod.parameters()]
+        else:
+            params = [p if device is None else p.to(device) for p in mod.parameters()]
+        buffer_sync(mod, fmodule, device)
+        fmodule.update_params(params)
+
+    fmodule = make_functional(module, encapsulator=encapsulator)
+    fmodule.track_higher_grads = track_higher_grads
+    return fmodule
