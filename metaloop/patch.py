@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.stateless import _reparametrize_module
 
 from metaloop.utils import _copy_tensor
@@ -185,6 +186,13 @@ class FunctionalModule(nn.Module):
         return tensors
 
     def _run(self, fn: Callable[[], Any]) -> Any:
+        if self._track_higher_grads and torch.is_grad_enabled():
+            # The fused attention kernels have no double backward; the math kernel does.
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._run_in_mode(fn)
+        return self._run_in_mode(fn)
+
+    def _run_in_mode(self, fn: Callable[[], Any]) -> Any:
         changed = [m for m, mode in zip(self._submodules, self._modes) if m.training != mode]
         if not changed:
             return fn()
@@ -216,10 +224,8 @@ class FunctionalModule(nn.Module):
     def _lookup(self, path: str, name: str) -> Any:
         """Resolves ``name`` on the submodule at ``path`` with the fast weights substituted."""
         full = f"{path}.{name}" if path else name
-        if full in self._param_index:
-            return self.fast_params[self._param_index[full]] if self._fast_params else getattr(
-                self._module.get_submodule(path) if path else self._module, name
-            )
+        if full in self._param_index and self._fast_params is not None:
+            return self._fast_params[-1][self._param_index[full]]
         if full in self._fmodule_buffers:
             return self._fmodule_buffers[full]
         owner = self._module.get_submodule(path) if path else self._module
@@ -232,6 +238,21 @@ class FunctionalModule(nn.Module):
         if callable(value) and getattr(value, "__self__", None) is owner:
             return lambda *a, params=None, **kw: self._call_path(path, name, a, kw, params)
         return value
+
+    def _item(self, path: str, key: Any) -> _SubmoduleView:
+        """Returns the view of ``container[key]`` for a Sequential/ModuleList/ModuleDict at ``path``."""
+        owner = self._module.get_submodule(path) if path else self._module
+        child = owner[key]
+        if not isinstance(child, nn.Module) or isinstance(key, slice):
+            raise TypeError(f"indexing a functional module supports single submodules, not {key!r}")
+        name = next(n for n, m in owner.named_children() if m is child)
+        return self._lookup(path, name)
+
+    def __getitem__(self, key: Any) -> _SubmoduleView:
+        return self._item("", key)
+
+    def __len__(self) -> int:
+        return len(self._module)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -267,6 +288,9 @@ class _SubmoduleView:
         if name.startswith("_"):
             raise AttributeError(name)
         return self._root._lookup(self._path, name)
+
+    def __getitem__(self, key: Any) -> _SubmoduleView:
+        return self._root._item(self._path, key)
 
     def __repr__(self) -> str:
         return f"FunctionalModule view of {self._path!r}"
