@@ -389,6 +389,26 @@ def _radam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple
 RADAM = Rule(_adam_init, _radam_update)
 
 
+# -- Learned transforms -------------------------------------------------------------------
+def _transform_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    """Gradient-transform descent: ``p_t = p - lr * T(g)``, ``T = hp["transform"]`` a trainable module.
+
+    With ``T`` a Meta-Curvature or Kronecker preconditioner this is Meta-Curvature (Park &
+    Oliva 2019) or Kronecker-factored MAML (Arnold et al. 2019); ``T``'s parameters get
+    gradients through the unrolled loop.
+    """
+    update = hp["transform"](grad)
+    if update.shape != grad.shape:
+        raise ValueError(
+            f"the transform returned an update of shape {tuple(update.shape)} for a gradient of "
+            f"shape {tuple(grad.shape)}; it must return the gradient's shape"
+        )
+    return param - update * hp.get("lr", 1.0), state
+
+
+TRANSFORM = Rule(_sgd_init, _transform_update, ())
+
+
 RULES: dict[str, Rule] = {
     "sgd": SGD,
     "adam": ADAM,
@@ -400,4 +420,5 @@ RULES: dict[str, Rule] = {
     "rprop": RPROP,
     "nadam": NADAM,
     "radam": RADAM,
+    "transform": TRANSFORM,
 }
