@@ -164,6 +164,11 @@ class DifferentiableOptimizer:
             merge_override(self.param_groups, override)
         wrt = [i for i in self._tracked if params[i].requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
+        if wrt and not loss.requires_grad:
+            raise ValueError(
+                "the loss passed to step() has no graph (was it computed under torch.no_grad()?); "
+                "run inner loops with grad enabled, and use track_higher_grads=False for evaluation"
+            )
         if wrt:
             computed = torch.autograd.grad(
                 loss, [params[i] for i in wrt], create_graph=self._track_higher_grads, allow_unused=True

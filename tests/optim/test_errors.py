@@ -99,3 +99,12 @@ def test_register_optim_checks_types_and_accepts_higher_style_subclasses(model):
         DifferentiableOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters()).step(
             model(torch.randn(1, 3)).sum(), params=list(model.parameters())
         )
+
+
+def test_loss_without_graph_is_explained(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with metaloop.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with torch.no_grad():
+            loss = fmodel(torch.randn(2, 3)).sum()
+        with pytest.raises(ValueError, match=r"has no graph \(was it computed under torch.no_grad\(\)\?\)"):
+            diffopt.step(loss)
