@@ -1,0 +1,7 @@
+"""learn2learn's ``learn2learn.nn`` Kronecker modules (implemented in :mod:`metaloop.nn`)."""
+
+from __future__ import annotations
+
+from metaloop.nn.kronecker import KroneckerConv2d, KroneckerLinear, KroneckerLSTM, KroneckerRNN
+
+__all__ = ["KroneckerLinear", "KroneckerRNN", "KroneckerLSTM", "KroneckerConv2d"]

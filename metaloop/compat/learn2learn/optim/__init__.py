@@ -1,0 +1,27 @@
+"""learn2learn's ``learn2learn.optim`` (implemented in :mod:`metaloop.transforms`).
+
+``DifferentiableSGD`` here is learn2learn's (it updates a module in place), not
+:class:`metaloop.optim.DifferentiableSGD` (higher's).
+"""
+
+from __future__ import annotations
+
+from metaloop.compat.learn2learn.optim import transforms
+from metaloop.compat.learn2learn.optim.transforms import (
+    KroneckerTransform,
+    MetaCurvatureTransform,
+    ModuleTransform,
+    ReshapedTransform,
+)
+from metaloop.transforms.learnable_optimizer import DifferentiableSGD, LearnableOptimizer, ParameterUpdate
+
+__all__ = [
+    "LearnableOptimizer",
+    "ParameterUpdate",
+    "DifferentiableSGD",
+    "ModuleTransform",
+    "ReshapedTransform",
+    "KroneckerTransform",
+    "MetaCurvatureTransform",
+    "transforms",
+]
