@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.stateless import _reparametrize_module
 
@@ -72,6 +71,14 @@ class FunctionalModule(nn.Module):
         self._param_index: dict[str, int] = {
             n: index[id(p)] for n, p in module.named_parameters(remove_duplicate=False)
         }
+        # (name, index) for every name a parameter is reachable under: the tie map that
+        # functional_call would recompute on each call, computed once.
+        self._aliases: list[tuple[str, int]] = list(self._param_index.items())
+        # Fused attention kernels have no double backward: use the math kernel for modules
+        # with attention layers while higher-order gradients are tracked.
+        self.math_attention: bool = any(
+            "Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in module.modules()
+        )
         self._fmodule_buffers: dict[str, torch.Tensor] = (
             dict(module.named_buffers()) if buffers is None else dict(buffers)
         )
@@ -181,13 +188,12 @@ class FunctionalModule(nn.Module):
                 "(make_functional) and none were recorded yet"
             )
         latest = self._fast_params[-1]
-        tensors = dict(zip(self._param_names, latest))
+        tensors = {name: latest[i] for name, i in self._aliases}
         tensors.update(self._fmodule_buffers)
         return tensors
 
     def _run(self, fn: Callable[[], Any]) -> Any:
-        if self._track_higher_grads and torch.is_grad_enabled():
-            # The fused attention kernels have no double backward; the math kernel does.
+        if self.math_attention and self._track_higher_grads and torch.is_grad_enabled():
             with sdpa_kernel(SDPBackend.MATH):
                 return self._run_in_mode(fn)
         return self._run_in_mode(fn)
@@ -207,15 +213,15 @@ class FunctionalModule(nn.Module):
 
     def forward(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
         """Returns ``module(*args, **kwargs)`` computed with the fast weights."""
-        tensors = self._tensors(params)
-        return self._run(lambda: functional_call(self._module, tensors, args, kwargs, tie_weights=True))
+        return self._call_path("", None, args, kwargs, params)
 
     def _call_path(self, path: str, attr: str | None, args: tuple, kwargs: dict, params: Sequence[torch.Tensor] | None) -> Any:
         tensors = self._tensors(params)
         target = self._module.get_submodule(path) if path else self._module
 
         def call() -> Any:
-            with _reparametrize_module(self._module, tensors, tie_weights=True):
+            # torch.func.functional_call, with the tie map precomputed (tensors names every alias).
+            with _reparametrize_module(self._module, tensors):
                 fn = target if attr is None else getattr(target, attr)
                 return fn(*args, **kwargs)
 
