@@ -1,0 +1,1 @@
+"""Runnable benchmarks: ``python -m benchmarks.run`` prints the tables quoted in the README."""

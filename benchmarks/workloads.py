@@ -1,0 +1,235 @@
+"""MAML meta-steps implemented six ways, on the sinusoid and Omniglot workloads.
+
+Each implementation turns a :class:`Workload` into a ``meta_step()`` closure that leaves the
+meta-gradient (the mean query loss over tasks, after ``K`` differentiable inner steps) in
+``model.parameters()``'s ``.grad``. All use the same model object, so their gradients can be
+compared before they are timed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+import metaloop
+from metaloop.optim import RULES
+from metaloop.optim.loop import adapt
+
+MetaStep = Callable[[], None]
+
+
+def sinusoid_mlp() -> nn.Module:
+    """Returns the 1-40-40-1 ReLU MLP of Finn et al. 2017."""
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+
+
+def omniglot_convnet(n_ways: int = 5) -> nn.Module:
+    """Returns the 4-block conv net of Finn et al. 2017 (BatchNorm with batch statistics)."""
+    blocks: list[nn.Module] = []
+    channels = 1
+    for _ in range(4):
+        blocks += [
+            nn.Conv2d(channels, 64, 3, padding=1),
+            nn.BatchNorm2d(64, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels = 64
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(64, n_ways))
+
+
+@dataclass
+class Workload:
+    """One benchmark configuration: a model, a meta-batch of tasks, and an inner loop."""
+
+    name: str
+    model: nn.Module
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    steps: int
+    inner: str  # "sgd" or "adam"
+    lr: float
+    loss: Callable[[Tensor, Tensor], Tensor]
+
+    @property
+    def tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def inner_optimizer(self, params=None) -> torch.optim.Optimizer:
+        params = self.model.parameters() if params is None else params
+        if self.inner == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        return torch.optim.Adam(params, lr=self.lr)
+
+
+def mse(out: Tensor, y: Tensor) -> Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+def sinusoid_workload(tasks: int, steps: int, inner: str, seed: int = 0) -> Workload:
+    """Returns workload 1: sinusoid MAML, 10 support and 10 query points per task."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    amp = torch.rand(tasks, 1, 1, generator=gen) * 4.9 + 0.1
+    phase = torch.rand(tasks, 1, 1, generator=gen) * math.pi
+    xs = torch.rand(tasks, 20, 1, generator=gen) * 10 - 5
+    ys = amp * torch.sin(xs + phase)
+    lr = 0.01 if inner == "sgd" else 0.001
+    return Workload(f"sinusoid T={tasks} K={steps} {inner}", sinusoid_mlp(), xs[:, :10], ys[:, :10],
+                    xs[:, 10:], ys[:, 10:], steps, inner, lr, mse)
+
+
+def omniglot_workload(tasks: int, steps: int, inner: str = "sgd", seed: int = 0) -> Workload:
+    """Returns workload 2: Omniglot-shaped MAML, 5-way 1-shot with 15 queries (random images)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ways, shots, queries = 5, 1, 15
+    sx = torch.rand(tasks, ways * shots, 1, 28, 28, generator=gen)
+    qx = torch.rand(tasks, ways * queries, 1, 28, 28, generator=gen)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    lr = 0.4 if inner == "sgd" else 0.001
+    return Workload(f"omniglot T={tasks} K={steps} {inner}", omniglot_convnet(ways), sx, sy, qx, qy,
+                    steps, inner, lr, cross_entropy)
+
+
+# -- implementations -----------------------------------------------------------------------
+def _context_impl(library) -> Callable[[Workload, bool], MetaStep]:
+    def make(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+        opt = w.inner_optimizer()
+
+        def meta_step() -> None:
+            for i in range(w.tasks):
+                with library.innerloop_ctx(w.model, opt, copy_initial_weights=False,
+                                           track_higher_grads=track_higher_grads) as (fmodel, diffopt):
+                    for _ in range(w.steps):
+                        diffopt.step(w.loss(fmodel(w.support_x[i]), w.support_y[i]))
+                    (w.loss(fmodel(w.query_x[i]), w.query_y[i]) / w.tasks).backward()
+
+        return meta_step
+
+    return make
+
+
+def higher_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """higher.innerloop_ctx, as its README shows."""
+    import higher
+
+    return _context_impl(higher)(w, track_higher_grads)
+
+
+def metaloop_ctx_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """metaloop.innerloop_ctx: the same code with ``import metaloop as higher``."""
+    return _context_impl(metaloop)(w, track_higher_grads)
+
+
+def _hparams(w: Workload) -> dict[str, dict]:
+    group = w.inner_optimizer([torch.zeros(1)]).param_groups[0]
+    return {name: group for name, _ in w.model.named_parameters()}
+
+
+def metaloop_sequential_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """metaloop.optim.loop.adapt, task by task (the Lightning module's path for conv nets)."""
+    hparams, rule = _hparams(w), RULES[w.inner]
+
+    def meta_step() -> None:
+        params = dict(w.model.named_parameters())
+        for i in range(w.tasks):
+            fast = adapt(w.model, params, w.support_x[i], w.support_y[i], loss_fn=w.loss, rule=rule,
+                         hparams=hparams, steps=w.steps, track_higher_grads=track_higher_grads)
+            (w.loss(functional_call(w.model, fast, (w.query_x[i],)), w.query_y[i]) / w.tasks).backward()
+
+    return meta_step
+
+
+def metaloop_vmap_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """metaloop.optim.loop.adapt for all tasks at once under torch.func.vmap."""
+    hparams, rule = _hparams(w), RULES[w.inner]
+
+    def meta_step() -> None:
+        params = dict(w.model.named_parameters())
+
+        def task_loss(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            fast = adapt(w.model, params, sx, sy, loss_fn=w.loss, rule=rule, hparams=hparams,
+                         steps=w.steps, track_higher_grads=track_higher_grads, batched=True)
+            return w.loss(functional_call(w.model, fast, (qx,)), qy)
+
+        vmap(task_loss)(w.support_x, w.support_y, w.query_x, w.query_y).mean().backward()
+
+    return meta_step
+
+
+def torchopt_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """torchopt's MetaSGD / MetaAdam with extract/recover_state_dict, as its MAML example."""
+    import torchopt
+
+    if w.inner == "sgd":
+        opt = torchopt.MetaSGD(w.model, lr=w.lr)
+    else:
+        opt = torchopt.MetaAdam(w.model, lr=w.lr)
+
+    def meta_step() -> None:
+        net_state = torchopt.extract_state_dict(w.model, by="reference", detach_buffers=True)
+        opt_state = torchopt.extract_state_dict(opt)
+        for i in range(w.tasks):
+            for _ in range(w.steps):
+                opt.step(w.loss(w.model(w.support_x[i]), w.support_y[i]))
+            (w.loss(w.model(w.query_x[i]), w.query_y[i]) / w.tasks).backward()
+            torchopt.recover_state_dict(w.model, net_state)
+            torchopt.recover_state_dict(opt, opt_state)
+
+    return meta_step
+
+
+def reference_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """Hand-written plain PyTorch: functional_call + autograd.grad + torch._foreach_* updates."""
+    names = [n for n, _ in w.model.named_parameters()]
+    group = w.inner_optimizer([torch.zeros(1)]).param_groups[0]
+    beta1, beta2 = group.get("betas", (0.9, 0.999))
+    eps = group.get("eps", 1e-8)
+
+    def meta_step() -> None:
+        for i in range(w.tasks):
+            params = list(w.model.parameters())
+            m = [torch.zeros_like(p) for p in params]
+            v = [torch.zeros_like(p) for p in params]
+            for t in range(1, w.steps + 1):
+                loss = w.loss(functional_call(w.model, dict(zip(names, params)), (w.support_x[i],)), w.support_y[i])
+                grads = torch.autograd.grad(loss, params, create_graph=track_higher_grads)
+                if w.inner == "sgd":
+                    params = torch._foreach_sub(params, torch._foreach_mul(grads, w.lr))
+                else:
+                    m = torch._foreach_add(torch._foreach_mul(m, beta1), torch._foreach_mul(grads, 1 - beta1))
+                    v = torch._foreach_add(torch._foreach_mul(v, beta2),
+                                           torch._foreach_mul(torch._foreach_mul(grads, grads), 1 - beta2))
+                    # + 1e-30 keeps sqrt's derivative finite where a gradient is exactly zero.
+                    root = torch._foreach_sqrt(torch._foreach_add(v, 1e-30))
+                    denom = torch._foreach_add(torch._foreach_div(root, math.sqrt(1 - beta2**t)), eps)
+                    params = torch._foreach_sub(params, torch._foreach_mul(torch._foreach_div(m, denom), w.lr / (1 - beta1**t)))
+                if not track_higher_grads:
+                    params = [p.detach().requires_grad_() for p in params]
+            query = functional_call(w.model, dict(zip(names, params)), (w.query_x[i],))
+            (w.loss(query, w.query_y[i]) / w.tasks).backward()
+
+    return meta_step
+
+
+IMPLEMENTATIONS: dict[str, Callable[[Workload, bool], MetaStep]] = {
+    "higher": higher_impl,
+    "torchopt": torchopt_impl,
+    "plain PyTorch": reference_impl,
+    "metaloop ctx": metaloop_ctx_impl,
+    "metaloop adapt": metaloop_sequential_impl,
+    "metaloop vmap": metaloop_vmap_impl,
+}
