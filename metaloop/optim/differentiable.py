@@ -210,12 +210,20 @@ class DifferentiableOptimizer:
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             params = group["params"]
             per_param = [k for k, v in group.items() if k != "params" and isinstance(v, list)]
-            for i, grad in enumerate(grads):
-                if grad is None:
-                    continue
-                hp = group if not per_param else {**group, **{k: group[k][i] for k in per_param}}
-                state = states[i] if states[i] else rule.init(params[i], hp)
-                params[i], states[i] = rule.update(params[i], grad, state, hp)
+            active = [i for i, grad in enumerate(grads) if grad is not None]
+            for i in active:
+                if not states[i]:
+                    states[i] = rule.init(params[i], {**group, **{k: group[k][i] for k in per_param}})
+            if per_param:
+                for i in active:
+                    hp = {**group, **{k: group[k][i] for k in per_param}}
+                    params[i], states[i] = rule.update(params[i], grads[i], states[i], hp)
+                continue
+            new_params, new_states = rules.apply_rule(
+                rule, [params[i] for i in active], [grads[i] for i in active], [states[i] for i in active], group
+            )
+            for i, p, s in zip(active, new_params, new_states):
+                params[i], states[i] = p, s
 
 
 class DifferentiableSGD(DifferentiableOptimizer):

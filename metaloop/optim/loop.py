@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metaloop.optim.rules import Rule
+from metaloop.optim.rules import Rule, apply_rule
 
 __all__ = ["adapt", "has_batchnorm_state"]
 
@@ -65,6 +65,11 @@ def adapt(
     fast = {n: params[n] for n in names}
     state = {n: rule.init(fast[n], hparams[n]) for n in names}
     create_graph = track_higher_grads and not first_order
+    # Parameters sharing one hyperparameter dict are updated together (foreach kernels).
+    by_hparams: dict[int, list[str]] = {}
+    for n in names:
+        by_hparams.setdefault(id(hparams[n]), []).append(n)
+    groups = list(by_hparams.values())
 
     def support_loss(weights: dict[str, Tensor]) -> Tensor:
         return loss_fn(functional_call(model, {**fixed, **weights}, (x,)), y)
@@ -81,8 +86,14 @@ def adapt(
                 fast = dict(zip(names, wrt))
             computed = torch.autograd.grad(support_loss(fast), wrt, create_graph=create_graph, allow_unused=True)
             grads = {n: torch.zeros_like(w) if g is None else g for n, w, g in zip(names, wrt, computed)}
-        for n in names:
-            fast[n], state[n] = rule.update(fast[n], grads[n], state[n], hparams[n])
+        for group in groups:
+            hp = hparams[group[0]]
+            new_fast, new_state = apply_rule(
+                rule, [fast[n] for n in group], [grads[n] for n in group], [state[n] for n in group], hp,
+                foreach=not batched,
+            )
+            fast.update(zip(group, new_fast))
+            state.update(zip(group, new_state))
         if not track_higher_grads:
             fast = {n: w.detach() for n, w in fast.items()}
     return {**{n: p for n, p in params.items() if n not in hparams}, **fast}

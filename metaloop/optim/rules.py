@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Rule", "RULES", "safe_sqrt"]
+__all__ = ["Rule", "RULES", "apply_rule", "safe_sqrt"]
 
 Scalar = Union[float, int, Tensor]
 State = dict[str, Any]
@@ -33,12 +33,33 @@ class Rule(NamedTuple):
     """An update rule: ``init(param, hp) -> state`` and ``update(param, grad, state, hp) -> (param, state)``.
 
     ``scalar_state`` names the state entries that are scalars (kept as Python numbers when
-    imported from a live optimizer; ``"step"`` becomes an int).
+    imported from a live optimizer; ``"step"`` becomes an int). ``foreach``, if given, is the
+    same rule over a list of tensors sharing ``hp``, with ``torch._foreach_*`` kernels: it is
+    used when every hyperparameter it reads is a Python number (see :func:`apply_rule`).
     """
 
     init: Callable[[Tensor, Hyper], State]
     update: Callable[[Tensor, Tensor, State, Hyper], tuple[Tensor, State]]
     scalar_state: tuple[str, ...] = ("step",)
+    foreach: Callable[[list[Tensor], list[Tensor], list[State], Hyper], tuple[list[Tensor], list[State]]] | None = None
+    foreach_hparams: tuple[str, ...] = ()
+
+
+def apply_rule(
+    rule: Rule, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper, foreach: bool = True
+) -> tuple[list[Tensor], list[State]]:
+    """Returns ``rule`` applied to each ``(param, grad, state)`` with shared hyperparameters ``hp``.
+
+    Uses the rule's foreach form when it has one and the hyperparameters it reads are Python
+    numbers (one kernel per list, one autograd node: faster, same values to rounding), else
+    the per-tensor form (always, with ``foreach=False``, e.g. under vmap).
+    """
+    if foreach and rule.foreach is not None and params and not any(
+        isinstance(hp.get(k), (Tensor, list)) for k in rule.foreach_hparams
+    ):
+        return rule.foreach(params, grads, states, hp)
+    updated = [rule.update(p, g, s, hp) for p, g, s in zip(params, grads, states)]
+    return [u[0] for u in updated], [u[1] for u in updated]
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -101,7 +122,29 @@ def _sgd_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[T
     return param - grad * hp["lr"], new_state
 
 
-SGD = Rule(_sgd_init, _sgd_update, ())
+def _sgd_foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+) -> tuple[list[Tensor], list[State]]:
+    """:func:`_sgd_update` over a list of tensors with ``torch._foreach_*`` kernels."""
+    if hp.get("maximize", False):
+        grads = torch._foreach_neg(grads)
+    if hp.get("weight_decay", 0) != 0:
+        grads = torch._foreach_add(grads, params, alpha=hp["weight_decay"])
+    momentum = hp["momentum"]
+    if momentum != 0:
+        buffers = [s.get("momentum_buffer") for s in states]
+        if any(b is None for b in buffers):
+            buffers = [g if b is None else b * momentum + g * (1 - hp["dampening"]) for b, g in zip(buffers, grads)]
+        else:
+            buffers = torch._foreach_add(torch._foreach_mul(buffers, momentum), grads, alpha=1 - hp["dampening"])
+        states = [{"momentum_buffer": b} for b in buffers]
+        grads = torch._foreach_add(grads, buffers, alpha=momentum) if hp["nesterov"] else buffers
+    else:
+        states = [{} for _ in params]
+    return torch._foreach_add(params, grads, alpha=-hp["lr"]), states
+
+
+SGD = Rule(_sgd_init, _sgd_update, (), _sgd_foreach, ("lr", "momentum", "dampening", "weight_decay"))
 
 
 # -- Adam / AdamW ------------------------------------------------------------------------

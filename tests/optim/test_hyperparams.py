@@ -28,7 +28,7 @@ def test_per_group_override_values_and_gradients():
     with metaloop.innerloop_ctx(model, opt) as (fmodel, diffopt):
         diffopt.step(((fmodel(x) - y) ** 2).mean())
         for a, b in zip(overridden, fmodel.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)  # foreach vs per-tensor rounding
     assert all(g.abs() > 0 for g in grads)
 
 
