@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils.stateless import _reparametrize_module
 
 from metaloop.utils import _copy_tensor
 
@@ -71,9 +70,14 @@ class FunctionalModule(nn.Module):
         self._param_index: dict[str, int] = {
             n: index[id(p)] for n, p in module.named_parameters(remove_duplicate=False)
         }
-        # (name, index) for every name a parameter is reachable under: the tie map that
-        # functional_call would recompute on each call, computed once.
-        self._aliases: list[tuple[str, int]] = list(self._param_index.items())
+        # Where each fast weight goes, for every name a parameter is reachable under (the tie
+        # map that functional_call would recompute on each call): (owner's dict, key, index).
+        self._param_slots: list[tuple[dict, str, int]] = [
+            (*self._slot(module, name, "_parameters"), i) for name, i in self._param_index.items()
+        ]
+        self._buffer_slots: dict[str, tuple[dict, str]] = {
+            name: self._slot(module, name, "_buffers") for name, _ in module.named_buffers(remove_duplicate=False)
+        }
         # Fused attention kernels have no double backward: use the math kernel for modules
         # with attention layers while higher-order gradients are tracked.
         self.math_attention: bool = any(
@@ -88,6 +92,11 @@ class FunctionalModule(nn.Module):
         self._fast_params: list[list[torch.Tensor]] | None = None
         self._views: dict[str, _SubmoduleView] = {}
         self.track_higher_grads = track_higher_grads
+
+    @staticmethod
+    def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str]:
+        owner, _, attr = name.rpartition(".")
+        return getattr(module.get_submodule(owner), kind), attr
 
     # -- fast weights -------------------------------------------------------------------
     @property
@@ -108,16 +117,20 @@ class FunctionalModule(nn.Module):
 
     @fast_params.setter
     def fast_params(self, value: Iterable[torch.Tensor]) -> None:
+        self._record(value)
+
+    def _record(self, value: Iterable[torch.Tensor]) -> None:
         value = list(value)
         _check_params(self._param_names, self._reference_params, value)
+        # Plain attribute writes: nn.Module.__setattr__ is slow, and this runs every step.
         if self._fast_params is None:
-            self._fast_params = [value]
+            self.__dict__["_fast_params"] = [value]
         elif self._track_higher_grads:
             latest = self._fast_params[-1]
             if len(latest) != len(value) or any(a is not b for a, b in zip(latest, value)):
                 self._fast_params.append(value)
         else:
-            self._fast_params = [value]
+            self.__dict__["_fast_params"] = [value]
 
     @property
     def init_fast_params(self) -> list[torch.Tensor] | None:
@@ -133,7 +146,7 @@ class FunctionalModule(nn.Module):
 
     def update_params(self, params: Iterable[torch.Tensor]) -> None:
         """Records ``params`` as the latest fast weights."""
-        self.fast_params = params
+        self._record(params)
 
     def parameters(self, time: int | None = None, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
         """Returns an iterator over the fast weights at step ``time`` (default: the latest)."""
@@ -179,18 +192,15 @@ class FunctionalModule(nn.Module):
         self._modes = [mode] * len(self._submodules)
         return self
 
-    def _tensors(self, params: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _latest(self, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         if params is not None:
-            self.fast_params = params
+            self._record(params)
         if self._fast_params is None:
             raise ValueError(
                 "params= must be given: this functional module does not hold fast weights "
                 "(make_functional) and none were recorded yet"
             )
-        latest = self._fast_params[-1]
-        tensors = {name: latest[i] for name, i in self._aliases}
-        tensors.update(self._fmodule_buffers)
-        return tensors
+        return self._fast_params[-1]
 
     def _run(self, fn: Callable[[], Any]) -> Any:
         if self.math_attention and self._track_higher_grads and torch.is_grad_enabled():
@@ -216,16 +226,34 @@ class FunctionalModule(nn.Module):
         return self._call_path("", None, args, kwargs, params)
 
     def _call_path(self, path: str, attr: str | None, args: tuple, kwargs: dict, params: Sequence[torch.Tensor] | None) -> Any:
-        tensors = self._tensors(params)
+        latest = self._latest(params)
         target = self._module.get_submodule(path) if path else self._module
+        fn = target if attr is None else getattr(target, attr)
+        return self._run(lambda: self._call_swapped(latest, fn, args, kwargs))
 
-        def call() -> Any:
-            # torch.func.functional_call, with the tie map precomputed (tensors names every alias).
-            with _reparametrize_module(self._module, tensors):
-                fn = target if attr is None else getattr(target, attr)
-                return fn(*args, **kwargs)
+    def _call_swapped(self, latest: list[torch.Tensor], fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Returns ``fn(*args, **kwargs)`` with the fast weights and buffers swapped into the module.
 
-        return self._run(call)
+        This is :func:`torch.func.functional_call`'s reparametrization with the slots (and the
+        tie map) resolved once at construction instead of on every call.
+        """
+        buffers = self._fmodule_buffers
+        saved_params = [(slots, attr, slots[attr]) for slots, attr, _ in self._param_slots]
+        saved_buffers = [(name, *self._buffer_slots[name]) for name in buffers]
+        saved_buffers = [(name, slots, attr, slots[attr]) for name, slots, attr in saved_buffers]
+        try:
+            for slots, attr, i in self._param_slots:
+                slots[attr] = latest[i]
+            for name, slots, attr, _ in saved_buffers:
+                slots[attr] = buffers[name]
+            return fn(*args, **kwargs)
+        finally:
+            for slots, attr, original in saved_params:
+                slots[attr] = original
+            for name, slots, attr, original in saved_buffers:
+                # A module that reassigned a buffer (rather than updating it in place) keeps it.
+                buffers[name] = slots[attr]
+                slots[attr] = original
 
     def _lookup(self, path: str, name: str) -> Any:
         """Resolves ``name`` on the submodule at ``path`` with the fast weights substituted."""

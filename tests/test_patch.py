@@ -180,8 +180,17 @@ def test_recurrent_flat_weights_second_order(kind):
         loss = fmodel(x)[0].pow(2).sum()
         grads = torch.autograd.grad(loss, list(rnn.parameters()))
     assert len(grads) == len(list(rnn.parameters())) and all(torch.isfinite(g).all() for g in grads)
-    # The original module's weights are untouched and still run.
-    rnn(x)
+    # Other fast weights really are used (the flat-weight cache follows them), and the
+    # original module's weights are untouched.
+    original = [p.detach().clone() for p in rnn.parameters()]
+    fmodel = metaloop.monkeypatch(rnn)
+    shifted_out = fmodel(x, params=[p + 0.5 for p in fmodel.parameters()])[0]
+    for p, q in zip(rnn.parameters(), original):
+        assert torch.equal(p, q)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.add_(0.5)
+    torch.testing.assert_close(shifted_out, rnn(x)[0])
 
 
 def test_attention_and_transformer_layers_second_order():

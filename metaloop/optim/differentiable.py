@@ -118,7 +118,12 @@ class DifferentiableOptimizer:
         self._grad_callback = grad_callback
         self._track_higher_grads = track_higher_grads
         merge_override(self.param_groups, override)
+        self._per_param_keys = self._find_per_param_keys()
         self._tracked = sorted({i for indices in self._group_to_param_list for i in indices})
+
+    def _find_per_param_keys(self) -> list[list[str]]:
+        """Returns, per group, the hyperparameters given as one value per parameter (lists)."""
+        return [[k for k, v in g.items() if k != "params" and isinstance(v, list)] for g in self.param_groups]
 
     @property
     def track_higher_grads(self) -> bool:
@@ -162,6 +167,7 @@ class DifferentiableOptimizer:
         params = self._resolve_params(params)
         if override is not None:
             merge_override(self.param_groups, override)
+            self._per_param_keys = self._find_per_param_keys()
         wrt = [i for i in self._tracked if params[i].requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if wrt and not loss.requires_grad:
@@ -207,9 +213,8 @@ class DifferentiableOptimizer:
                 f"{type(self).__name__} defines neither a rule nor _update(); subclass "
                 "DifferentiableOptimizer with `rule = Rule(init, update)` or override _update"
             )
-        for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
+        for group, grads, states, per_param in zip(self.param_groups, grouped_grads, self.state, self._per_param_keys):
             params = group["params"]
-            per_param = [k for k, v in group.items() if k != "params" and isinstance(v, list)]
             active = [i for i, grad in enumerate(grads) if grad is not None]
             for i in active:
                 if not states[i]:

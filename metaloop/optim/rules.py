@@ -55,11 +55,18 @@ def apply_rule(
     the per-tensor form (always, with ``foreach=False``, e.g. under vmap).
     """
     if foreach and rule.foreach is not None and params and not any(
-        isinstance(hp.get(k), (Tensor, list)) for k in rule.foreach_hparams
+        _is_learned(hp.get(k)) for k in rule.foreach_hparams
     ):
         return rule.foreach(params, grads, states, hp)
     updated = [rule.update(p, g, s, hp) for p, g, s in zip(params, grads, states)]
     return [u[0] for u in updated], [u[1] for u in updated]
+
+
+def _is_learned(value: Any) -> bool:
+    """True for a tensor, a per-parameter list, or a tuple holding a tensor (e.g. learned betas)."""
+    if isinstance(value, tuple):
+        return any(isinstance(v, Tensor) for v in value)
+    return isinstance(value, (Tensor, list))
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -180,7 +187,49 @@ def _adam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
     return param - exp_avg / denom * step_size, new_state
 
 
-ADAM = Rule(_adam_init, _adam_update)
+def _adam_foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+) -> tuple[list[Tensor], list[State]]:
+    """:func:`_adam_update` over a list of tensors with ``torch._foreach_*`` kernels.
+
+    The square root is taken of ``max(v, tiny)`` (``tiny`` the dtype's smallest normal
+    number): the same value to well below rounding of ``eps``, and, like :func:`safe_sqrt`,
+    derivatives of every order that are zero (not infinite) where ``v`` is zero.
+    """
+    step = states[0]["step"] + 1
+    if any(s["step"] + 1 != step for s in states):  # parameters skipped on earlier steps
+        updated = [_adam_update(p, g, s, hp) for p, g, s in zip(params, grads, states)]
+        return [u[0] for u in updated], [u[1] for u in updated]
+    beta1, beta2 = hp["betas"]
+    lr, wd = hp["lr"], hp.get("weight_decay", 0)
+    if wd != 0 and hp.get("decoupled_weight_decay", False):
+        params = torch._foreach_mul(params, 1 - lr * wd)
+    if hp.get("maximize", False):
+        grads = torch._foreach_neg(grads)
+    if wd != 0 and not hp.get("decoupled_weight_decay", False):
+        grads = torch._foreach_add(grads, params, alpha=wd)
+    exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], grads, 1 - beta1)
+    exp_avg_sq = torch._foreach_addcmul(
+        torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), grads, grads, value=1 - beta2
+    )
+    second = exp_avg_sq
+    amsgrad = hp.get("amsgrad", False)
+    if amsgrad:
+        second = torch._foreach_maximum([s.get("max_exp_avg_sq", torch.zeros_like(p)) for s, p in zip(states, params)], exp_avg_sq)
+    root = torch._foreach_sqrt(torch._foreach_maximum(second, torch.finfo(params[0].dtype).tiny))
+    denom = torch._foreach_add(torch._foreach_div(root, (1 - beta2**step) ** 0.5), hp["eps"])
+    # Not _foreach_addcdiv: its backward fails for lists of mixed shapes (PyTorch 2.13).
+    new_params = torch._foreach_add(params, torch._foreach_div(exp_avg, denom), alpha=-lr / (1 - beta1**step))
+    new_states: list[State] = [
+        {"step": step, "exp_avg": m, "exp_avg_sq": v} for m, v in zip(exp_avg, exp_avg_sq)
+    ]
+    if amsgrad:
+        for state, maximum in zip(new_states, second):
+            state["max_exp_avg_sq"] = maximum
+    return new_params, new_states
+
+
+ADAM = Rule(_adam_init, _adam_update, ("step",), _adam_foreach, ("lr", "betas", "eps", "weight_decay"))
 
 
 # -- Adamax ------------------------------------------------------------------------------

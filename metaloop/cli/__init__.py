@@ -1,0 +1,288 @@
+"""The ``metaloop`` command: compose a recipe with Hydra, then fit, validate or test it with Lightning.
+
+::
+
+    metaloop recipes                                   # the recipes, one line each
+    metaloop fit --config maml_omniglot.yaml           # a recipe from recipes/ (or a path to a YAML file)
+    metaloop fit --config maml_omniglot.yaml inner.steps=5 trainer.max_steps=2000 task.n_ways=20
+    metaloop fit -m --config maml_omniglot.yaml inner.lr=0.1,0.4 seed=0,1,2    # a sweep
+    metaloop fit --config maml_omniglot.yaml hydra.run.dir=runs/a ckpt_path=last   # resume runs/a
+    metaloop test --config maml_omniglot.yaml ckpt_path=runs/a/checkpoints/last.ckpt
+    metaloop fit --help                                # the config groups and their options
+
+A recipe is a Hydra primary config whose defaults list starts from ``config`` (``configs/config.yaml``)
+and overrides options and values. The command line becomes Hydra's: the recipe's folder is the config
+folder, ``configs/`` is on the search path, and ``command=`` / ``recipe=`` are set from the subcommand
+and recipe name, so Lightning's DDP launcher, which re-runs the process with Hydra's arguments, reaches
+the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMANDS", "config_dir", "main", "recipe_dir", "recipe_summaries", "run"]
+
+COMMANDS = ("fit", "validate", "test")
+_LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+
+
+class UsageError(Exception):
+    """A mistake on the command line or in the configuration, reported as one message before any training."""
+
+
+def _checkout_dir(env: str, name: str) -> Path:
+    override = os.environ.get(env)
+    folder = Path(override).expanduser() if override else _package_root() / name
+    if not folder.is_dir():
+        raise UsageError(
+            f"metaloop's {name}/ folder was not found at {folder} (it lives in the source checkout, beside the "
+            f"metaloop package); install metaloop from a checkout (pip install -e .), or set {env} to the folder"
+        )
+    return folder.resolve()
+
+
+def _package_root() -> Path:
+    import metaloop
+
+    return Path(metaloop.__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    """Returns the folder of ``config.yaml`` and the config groups: ``$METALOOP_CONFIG_DIR`` or the checkout's ``configs/``."""
+    folder = _checkout_dir("METALOOP_CONFIG_DIR", "configs")
+    if not (folder / "config.yaml").is_file():
+        raise UsageError(f"{folder} holds no config.yaml; point METALOOP_CONFIG_DIR at metaloop's configs/ folder")
+    return folder
+
+
+def recipe_dir() -> Path:
+    """Returns the folder of the recipes: ``$METALOOP_RECIPE_DIR`` or the checkout's ``recipes/``."""
+    return _checkout_dir("METALOOP_RECIPE_DIR", "recipes")
+
+
+def _first_comment(path: Path) -> str:
+    """Returns the text of the first comment line of a YAML file ("" if it has none)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+        if line.strip() and not line.startswith("#"):
+            break
+    return ""
+
+
+def recipe_summaries() -> dict[str, str]:
+    """Returns each recipe's name and the first line of its header comment, sorted by name."""
+    return {path.stem: _first_comment(path) for path in sorted(recipe_dir().glob("*.yaml"))}
+
+
+def _resolve_recipe(config: str | None) -> tuple[Path, str]:
+    """Returns (config folder, config name) of ``--config``: a recipe name, a recipe file name, or a path."""
+    if config is None:
+        return config_dir(), "config"
+    path = Path(config).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path.resolve().parent, path.stem
+    for candidate in (recipe_dir() / config, recipe_dir() / f"{config}.yaml"):
+        if candidate.is_file() and candidate.suffix == ".yaml":
+            return candidate.parent, candidate.stem
+    available = ", ".join(recipe_summaries()) or "(none)"
+    raise UsageError(f"unknown recipe {config!r}; the recipes are: {available} (or give a path to a YAML file)")
+
+
+def _group_options() -> dict[str, dict[str, str]]:
+    """Returns each config group's options with the first line of their comment."""
+    root = config_dir()
+    return {
+        group.name: {path.stem: _first_comment(path) for path in sorted(group.glob("*.yaml"))}
+        for group in sorted(p for p in root.iterdir() if p.is_dir())
+    }
+
+
+def _print_recipes() -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("recipe", "what it reproduces", box=None, title="recipes (metaloop fit --config NAME.yaml)")
+    for name, summary in recipe_summaries().items():
+        table.add_row(f"{name}.yaml", escape(summary))
+    Console().print(table)
+
+
+def _print_help(command: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"usage: metaloop {command} [--config RECIPE] [-m|--multirun] [KEY=VALUE ...]\n\n"
+        f"{'Fits' if command == 'fit' else 'Evaluates'} a recipe (a name from recipes/, or a path to a YAML file; "
+        "default: configs/config.yaml) with Hydra overrides, e.g.\n"
+        "  inner.steps=5 inner.lr=0.1 trainer.max_steps=2000 task.n_ways=20 model=mlp learnable=per_param_lr\n"
+        "  seed=0,1,2 with -m runs a sweep; ckpt_path=last resumes the run in hydra.run.dir; --cfg job prints the config.\n",
+        markup=False,
+    )
+    table = Table("group", "option", "", box=None, title="config groups (GROUP=OPTION)")
+    for group, options in _group_options().items():
+        for i, (option, doc) in enumerate(options.items()):
+            table.add_row(group if i == 0 else "", option, escape(doc))
+    console.print(table)
+    _print_recipes()
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, bool, bool, list[str]]:
+    """Returns (--config value, multirun, help, remaining Hydra arguments)."""
+    config, multirun, show_help, rest = None, False, False, []
+    items = iter(args)
+    for arg in items:
+        if arg == "--config":
+            config = next(items, None)
+            if config is None:
+                raise UsageError("--config needs a recipe name or path, e.g. --config maml_omniglot.yaml")
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in ("-h", "--help"):
+            show_help = True
+        else:
+            rest.append(arg)
+    return config, multirun, show_help, rest
+
+
+def _hydra_argv(command: str, args: Sequence[str]) -> list[str] | None:
+    """Returns Hydra's command line for ``metaloop COMMAND ARGS``, or None after printing help."""
+    config, multirun, show_help, overrides = _split_args(args)
+    if show_help:
+        _print_help(command)
+        return None
+    folder, name = _resolve_recipe(config)
+    _check_launcher(overrides)
+    searchpath = f"hydra.searchpath=['file://{config_dir()}']"
+    argv = ["--config-dir", str(folder), "--config-name", name, searchpath, f"command={command}", f"recipe={name}"]
+    return argv + list(overrides) + (["--multirun"] if multirun else [])
+
+
+def _check_launcher(overrides: Sequence[str]) -> None:
+    import importlib.util
+
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "launcher" and value in _LAUNCHER_PLUGINS:
+            module, package = _LAUNCHER_PLUGINS[value]
+            if importlib.util.find_spec(module) is None:
+                raise UsageError(
+                    f"launcher={value} needs the Hydra plugin {package}, which is not installed; "
+                    f"pip install 'metaloop[launchers]' (or pip install {package}), or use launcher=basic"
+                )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the ``metaloop`` command line (``argv`` defaults to ``sys.argv[1:]``); exits non-zero on errors."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args or args[0] in ("-h", "--help"):
+            print(__doc__.split("::")[1].rstrip() if __doc__ else "")
+            return
+        if args[0] == "recipes":
+            _print_recipes()
+            return
+        if args[0] in COMMANDS:
+            hydra_args = _hydra_argv(args[0], args[1:])
+            if hydra_args is None:
+                return
+        elif args[0].startswith("-"):
+            # Hydra's own command line: how Lightning's DDP launcher re-runs this process
+            hydra_args = args
+        else:
+            raise UsageError(f"unknown command {args[0]!r}; use one of: recipes, {', '.join(COMMANDS)}")
+    except UsageError as err:
+        sys.exit(f"metaloop: error: {err}")
+    _run_hydra(hydra_args)
+
+
+def _run_hydra(hydra_args: list[str]) -> None:
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    program = sys.argv[0]
+    saved = sys.argv
+    # Hydra reads sys.argv; Lightning's DDP launcher re-runs it, so it must hold Hydra's arguments
+    sys.argv = [program, *hydra_args]
+    try:
+        hydra.main(version_base="1.3", config_path=None, config_name=None)(_task)()
+    finally:
+        sys.argv = saved
+
+
+def _task(cfg: Any) -> dict[str, float] | None:
+    try:
+        return run(cfg)
+    except UsageError as err:
+        sys.exit(f"metaloop: error: {err}")
+
+
+def run(cfg: Any) -> dict[str, float]:
+    """Returns the final metrics after running ``cfg.command`` (fit, validate or test) on the composed config ``cfg``.
+
+    Everything is built and checked before the Trainer starts: a configuration error raises
+    :class:`UsageError` with the offending value, and no checkpoint is written or touched.
+    """
+    import lightning
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from metaloop.cli.report import print_summary
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    lightning.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        datamodule = instantiate(cfg.task.datamodule, _convert_="partial")
+        module = instantiate(cfg.module, _convert_="partial")
+        module.check_datamodule(datamodule, cfg.command)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+        logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    except InstantiationException as err:
+        raise UsageError(_instantiation_message(err)) from err
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    outputs = getattr(trainer, cfg.command)(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    timings[cfg.command] = time.perf_counter() - start
+    if cfg.command == "fit" and cfg.test_after_fit and datamodule.num_test_tasks and not trainer.interrupted:
+        start = time.perf_counter()
+        outputs = trainer.test(module, datamodule=datamodule, verbose=False)
+        timings["test"] = time.perf_counter() - start
+    results = {k: float(v) for output in outputs or [] for k, v in output.items()}
+    if trainer.is_global_zero:
+        print_summary(cfg, trainer, results, timings)
+    return results
+
+
+def _instantiation_message(err: Exception) -> str:
+    """Returns the root cause of a Hydra instantiation error, with the config key Hydra names."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    first = str(err).splitlines()[0]
+    key = first[first.find("full_key:"):] if "full_key:" in first else ""
+    message = str(cause) if cause is not err else first
+    if isinstance(cause, ModuleNotFoundError) and "tensorboard" in message.lower():
+        message += " (logger=tensorboard needs `pip install tensorboard`; or use logger=csv)"
+    return f"{message}" + (f" [{key}]" if key else "")

@@ -1,0 +1,131 @@
+"""What the ``metaloop`` command shows at the end of a run: a learning-curve plot and a summary table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["LearningCurve", "print_summary"]
+
+
+class LearningCurve(lightning.Callback):
+    """Saves a PNG of meta-training and validation metrics against meta-steps when fitting ends.
+
+    One panel per metric that is logged both as ``train/<name>`` and ``val/<name>_post``
+    (classification: accuracy and loss; regression: loss): the training value of every meta-step
+    and the post-adaptation validation mean with its 95% confidence band. The recorded points are
+    part of the checkpoint, so a resumed run plots its whole history.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.train: dict[str, list[tuple[int, float]]] = {}
+        self.val: dict[str, list[tuple[int, float, float]]] = {}
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, *args: Any) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train/"):
+                self.train.setdefault(key[len("train/"):], []).append((trainer.global_step, float(value)))
+
+    def on_validation_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        for key, value in metrics.items():
+            if key.startswith("val/") and key.endswith("_post"):
+                ci = metrics.get(f"{key}_ci95")
+                name = key[len("val/"):-len("_post")]
+                self.val.setdefault(name, []).append((trainer.global_step, float(value), float(ci) if ci is not None else 0.0))
+
+    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.save()
+
+    def save(self) -> Path | None:
+        """Returns the path of the written PNG, or None when there is nothing to plot."""
+        names = [n for n in self.train if n in self.val] or list(self.train)
+        if not names:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            steps, values = zip(*self.train[name])
+            ax.plot(steps, values, color="tab:blue", alpha=0.35, label="meta-train (query, per step)")
+            window = max(1, len(values) // 20)
+            if window > 1:
+                smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+                ax.plot(steps, smooth, color="tab:blue", label=f"meta-train (mean of {window})")
+            if name in self.val:
+                vsteps, means, cis = zip(*self.val[name])
+                ax.errorbar(vsteps, means, yerr=cis, color="tab:orange", marker="o", capsize=3, label="validation (post-adaptation, 95% CI)")
+            ax.set_xlabel("meta-step")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.path, dpi=100)
+        plt.close(fig)
+        return self.path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train = {k: [tuple(p) for p in v] for k, v in state_dict["train"].items()}
+        self.val = {k: [tuple(p) for p in v] for k, v in state_dict["val"].items()}
+
+
+def _format(results: dict[str, float], key: str) -> str | None:
+    if key not in results:
+        return None
+    value, ci = results[key], results.get(f"{key}_ci95")
+    scale, unit = (100.0, "%") if key.split("/")[-1].startswith("acc") else (1.0, "")
+    text = f"{value * scale:.2f}{unit}" if scale != 1 else f"{value:.4f}"
+    if ci is not None and math.isfinite(ci):
+        text += f" ± {ci * scale:.2f}{unit}" if scale != 1 else f" ± {ci:.4f}"
+    return text
+
+
+def print_summary(cfg: Any, trainer: lightning.Trainer, results: dict[str, float], timings: dict[str, float]) -> None:
+    """Prints a table of the run: what ran, how long (``timings``: seconds per command), the meta-step rate, the final metrics."""
+    from hydra.core.hydra_config import HydraConfig
+
+    table = Table(box=None, title=f"metaloop {cfg.command}: {cfg.recipe}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else trainer.default_root_dir
+    table.add_row("run folder", str(output_dir))
+    for command, seconds in timings.items():
+        table.add_row(f"{command} time", f"{seconds:.1f} s")
+    if "fit" in timings:
+        steps = trainer.global_step
+        rate = steps / timings["fit"] if timings["fit"] > 0 else float("nan")
+        table.add_row("meta-steps", f"{steps} ({rate:.2f}/s incl. validation; meta-batch {cfg.task.meta_batch_size} per rank)")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for key in ("train/loss", "train/acc"):
+        if key in metrics:
+            table.add_row(f"last {key}", _format(metrics, key) or "")
+    for stage in ("val", "test"):
+        source = results if any(k.startswith(f"{stage}/") for k in results) else metrics
+        for name in ("acc", "loss"):
+            for when in ("pre", "post"):
+                text = _format(source, f"{stage}/{name}_{when}")
+                if text is not None:
+                    table.add_row(f"{stage} {name} {when}-adaptation", text)
+    for callback in trainer.callbacks:
+        if isinstance(callback, LearningCurve) and callback.path.exists():
+            table.add_row("learning curve", str(callback.path))
+        best = getattr(callback, "last_model_path", None)
+        if best:
+            table.add_row("last checkpoint", str(best))
+    Console().print(table)

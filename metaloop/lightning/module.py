@@ -1,0 +1,732 @@
+"""The LightningModule of meta-learning: an inner loop per task inside Lightning's outer loop.
+
+:class:`MetaLightningModule` adapts the model to each task of a meta-batch with a differentiable
+inner optimizer (:func:`metaloop.optim.loop.adapt`: any :mod:`~metaloop.optim.rules` rule, or a
+learned gradient transform), scores the adapted model on the task's query set, and steps an
+outer optimizer on the mean query loss. MAML, first-order MAML, ANIL, Meta-SGD, per-layer or
+Adam-hyperparameter learning, Meta-Curvature and Kronecker-factored MAML are choices of its
+arguments, not subclasses. What a task's loss is comes from an :class:`Objective`
+(:class:`Classification`, :class:`Regression`) or from the hooks :meth:`~MetaLightningModule.inner_loss`,
+:meth:`~MetaLightningModule.outer_loss` and :meth:`~MetaLightningModule.task_metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, Protocol
+
+import lightning
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchmetrics import Metric
+
+from metaloop.lightning.datamodule import MetaDataModule
+from metaloop.optim import RULES, Rule, get_diff_optim
+from metaloop.optim.loop import adapt as adapt_weights
+from metaloop.optim.loop import has_batchnorm_state
+from metaloop.tasks import Task, sample_task
+from metaloop.transforms import TransformOptimizer
+
+__all__ = [
+    "Classification",
+    "FunctionalModel",
+    "Learned",
+    "MeanWithConfidence",
+    "MetaLightningModule",
+    "Objective",
+    "PerElement",
+    "PerLayer",
+    "PerTensor",
+    "Regression",
+    "Shared",
+]
+
+Batch = tuple[Tensor, Tensor]
+OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+BatchTasks = Literal["auto", "vmap", "sequential"]
+
+_STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
+
+
+# -- Objectives ---------------------------------------------------------------------------
+class Objective(Protocol):
+    """What a task is scored by: a loss, per-task metrics, and checks of a model's output against targets."""
+
+    metric_names: tuple[str, ...]
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor: ...
+
+    def metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]: ...
+
+    def output_size(self, target: Tensor) -> int | None: ...
+
+    def check(self, output: Tensor, target: Tensor) -> None: ...
+
+
+class Classification:
+    """Cross-entropy of logits ``(n, classes)`` against integer labels ``(n,)``; metrics ``loss`` and ``acc``."""
+
+    metric_names: tuple[str, ...] = ("loss", "acc")
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Returns the mean cross-entropy."""
+        return F.cross_entropy(output, target)
+
+    def metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Returns ``{"loss": cross-entropy, "acc": fraction of argmax predictions equal to the label}``."""
+        return {"loss": F.cross_entropy(output, target), "acc": (output.argmax(-1) == target).float().mean()}
+
+    def output_size(self, target: Tensor) -> int:
+        """Returns the number of classes (ways) of a task with labels ``target`` (``0 .. n-1``)."""
+        return int(target.max()) + 1
+
+    def check(self, output: Tensor, target: Tensor) -> None:
+        """Raises ``ValueError`` unless ``output`` holds logits for every label of ``target``."""
+        if target.is_floating_point():
+            raise ValueError(
+                f"the task's labels are floats (dtype {target.dtype}, shape {tuple(target.shape)}): a regression task; "
+                "use a regression objective (objective: {_target_: metaloop.lightning.Regression}) and a regression model"
+            )
+        classes = self.output_size(target)
+        if output.ndim != 2 or output.shape[0] != target.shape[0] or output.shape[1] < classes:
+            raise ValueError(
+                f"the model returns shape {tuple(output.shape)} for {target.shape[0]} examples of a {classes}-way task; "
+                f"a classifier must return ({target.shape[0]}, {classes}): set the model's out_features to {classes}"
+            )
+
+
+class Regression:
+    """Mean squared error of ``output`` against float targets of the same shape; metric ``loss``."""
+
+    metric_names: tuple[str, ...] = ("loss",)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Returns the mean squared error."""
+        return F.mse_loss(output, target)
+
+    def metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Returns ``{"loss": mean squared error}``."""
+        return {"loss": F.mse_loss(output, target)}
+
+    def output_size(self, target: Tensor) -> None:
+        """Returns None: a regression head does not depend on the task."""
+        return None
+
+    def check(self, output: Tensor, target: Tensor) -> None:
+        """Raises ``ValueError`` unless ``target`` is float and ``output`` has its shape."""
+        if not target.is_floating_point():
+            raise ValueError(
+                f"the task's targets are integers (dtype {target.dtype}): a classification task; use a classification "
+                "objective (objective: {_target_: metaloop.lightning.Classification}) and a classifier"
+            )
+        if output.shape != target.shape:
+            raise ValueError(
+                f"the model returns shape {tuple(output.shape)} for targets of shape {tuple(target.shape)}; "
+                "a regression model must return the targets' shape (check the model's output size)"
+            )
+
+
+# -- Learned hyperparameters --------------------------------------------------------------
+class Learned:
+    """Says how one inner hyperparameter is learned: which adapted parameters share a value, and its start.
+
+    Subclasses differ in :meth:`key` (parameters with the same key share one learned value) and
+    :meth:`shape` (the shape of that value). ``init`` is the initial value (a number, or a tuple
+    for tuple hyperparameters such as Adam's ``betas``); None starts from the inner optimizer's
+    configured value. Values are raw ``nn.Parameter``s, unconstrained, as in Meta-SGD.
+    """
+
+    def __init__(self, init: float | Sequence[float] | None = None) -> None:
+        self.init = init
+
+    def key(self, name: str) -> str:
+        """Returns the name of the value that parameter ``name`` uses ("" for one shared value)."""
+        raise NotImplementedError
+
+    def shape(self, param: Tensor) -> tuple[int, ...]:
+        """Returns the shape of the value parameter ``param`` uses."""
+        return ()
+
+
+class Shared(Learned):
+    """One learned value for every adapted parameter (a learned inner learning rate, Adam's betas)."""
+
+    def key(self, name: str) -> str:
+        return ""
+
+
+class PerLayer(Learned):
+    """One learned scalar per layer: the parameters of one module (``conv.weight``, ``conv.bias``) share it."""
+
+    def key(self, name: str) -> str:
+        return name.rpartition(".")[0]
+
+
+class PerTensor(Learned):
+    """One learned scalar per parameter tensor."""
+
+    def key(self, name: str) -> str:
+        return name
+
+
+class PerElement(PerTensor):
+    """One learned value per element of every adapted parameter: Meta-SGD (Li et al. 2017)."""
+
+    def shape(self, param: Tensor) -> tuple[int, ...]:
+        return tuple(param.shape)
+
+
+# -- Functional model and metrics --------------------------------------------------------
+class FunctionalModel:
+    """A callable model: ``fmodel(x)`` runs ``module`` with ``weights`` in place of its parameters.
+
+    What :meth:`MetaLightningModule.adapt` returns; ``weights`` maps parameter names to the
+    adapted tensors (see :func:`torch.func.functional_call`).
+    """
+
+    def __init__(self, module: nn.Module, weights: Mapping[str, Tensor]) -> None:
+        self.module = module
+        self.weights = dict(weights)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Returns ``module(*args, **kwargs)`` computed with the adapted weights."""
+        return functional_call(self.module, self.weights, args, kwargs)
+
+
+class MeanWithConfidence(Metric):
+    """Returns ``(mean, half-width of the 95% confidence interval)`` of the values seen: ``1.96 * std / sqrt(n)``.
+
+    ``std`` is the sample standard deviation; states are sums, so DDP ranks merge exactly.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        values = values.detach().to(torch.float64).flatten()
+        self.total += values.sum()
+        self.squares += (values * values).sum()
+        self.count += values.numel()
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        mean = self.total / self.count
+        variance = ((self.squares - self.count * mean * mean) / (self.count - 1)).clamp(min=0)
+        return mean, 1.96 * torch.sqrt(variance / self.count)
+
+
+class _SupportLoss(nn.Module):
+    """``inner_loss(model, support)`` as a module, so :func:`~metaloop.optim.loop.adapt` can differentiate it.
+
+    ``adapt`` evaluates ``functional_call(self, weights, (support,))``: inside, ``self.model``
+    runs with the task's fast weights, which the hook sees as its ``fmodel``.
+    """
+
+    def __init__(self, model: nn.Module, inner_loss: Callable[[Callable[..., Tensor], Batch], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.inner_loss = inner_loss
+
+    def forward(self, support: Batch) -> Tensor:
+        return self.inner_loss(self.model, support)
+
+
+def _loss_is_output(loss: Tensor, target: Tensor) -> Tensor:
+    return loss
+
+
+def _prefixed(mapping: Mapping[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    return {prefix + name: value for name, value in mapping.items()}
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value
+
+
+# -- The module ---------------------------------------------------------------------------
+class MetaLightningModule(lightning.LightningModule):
+    """Returns nothing; trains ``model``'s initial weights (and learned inner hyperparameters) by meta-learning.
+
+    Each training step takes a meta-batch (:class:`~metaloop.tasks.Task` with a leading task
+    dimension), adapts the model to each task's support set with ``inner_steps`` steps of the
+    inner optimizer, scores the query set with :meth:`outer_loss`, and steps the outer optimizer
+    on the mean query loss. Validation and test adapt the same way for ``eval_inner_steps`` steps
+    without a higher-order graph and log pre- and post-adaptation metrics (mean and 95%
+    confidence half-width over the evaluation tasks, e.g. ``test/acc_post``, ``test/acc_post_ci95``).
+
+    Args:
+        model: the network; its last ``nn.Linear`` (or the module named ``head``) is the head.
+        objective: the task's loss and metrics (:class:`Classification`, :class:`Regression`).
+        inner_optim: a ``torch.optim`` optimizer class or partial (``functools.partial(torch.optim.SGD,
+            lr=0.4)``); it is called on the adapted parameters once, to read its hyperparameters (and,
+            for a :class:`~metaloop.transforms.TransformOptimizer`, to build one learned transform per
+            adapted parameter, trained by the outer optimizer and saved in checkpoints). Any optimizer
+            with a rule-based differentiable version (:func:`metaloop.optim.register_optim`) works.
+        outer_optim: an optimizer partial, called on all trainable parameters of this module.
+        scheduler: an LR scheduler partial called on the outer optimizer, stepped every meta-step.
+        inner_steps: inner steps per task in training.
+        eval_inner_steps: inner steps in validation, test and :meth:`adapt` (default ``inner_steps``).
+        first_order: drop second-order terms (first-order MAML).
+        adapt_params: a regular expression searched in each parameter name; only matching parameters
+            adapt (ANIL: ``"^head\\."``). None adapts all.
+        learnable: which inner hyperparameters are learned, e.g. ``{"lr": PerElement()}`` (Meta-SGD),
+            ``{"lr": PerLayer()}``, ``{"betas": Shared()}``. Learned values are ``nn.Parameter``s in
+            :attr:`learned`; :meth:`learned_hyperparameters` exports them.
+        batch_tasks: ``"vmap"`` adapts a meta-batch at once under :func:`torch.func.vmap` (one
+            backward), ``"sequential"`` task by task with one backward each (memory of one task;
+            under DDP only the last task's backward synchronises). ``"auto"``: sequential for models
+            with buffers or convolutions (vmap is slower for conv nets on CPU), vmap otherwise.
+        head: name of the classifier module, re-created for :meth:`adapt` with another ``n_ways``.
+
+    Raises:
+        ValueError: at construction, for a pattern that matches no parameter, a learned name that
+            is not a hyperparameter of the inner optimizer, negative steps, or an unknown ``batch_tasks``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        inner_optim: OptimizerFactory,
+        outer_optim: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        adapt_params: str | None = None,
+        learnable: Mapping[str, Learned] | None = None,
+        batch_tasks: BatchTasks = "auto",
+        head: str | None = None,
+    ) -> None:
+        super().__init__()
+        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0; pass the number of inner-loop steps")
+        if batch_tasks not in ("auto", "vmap", "sequential"):
+            raise ValueError(f"batch_tasks={batch_tasks!r} is not one of 'auto', 'vmap', 'sequential'")
+        self.save_hyperparameters(
+            "inner_steps", "eval_inner_steps", "first_order", "adapt_params", "batch_tasks", "head"
+        )
+        self.automatic_optimization = False
+        self.model = model
+        self.objective = objective
+        self.outer_optim = outer_optim
+        self.scheduler = scheduler
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.first_order = first_order
+        self.batched = self._choose_batching(batch_tasks)
+        self.head = self._find_head(head)
+        self.adapted_names = self._select_adapted(adapt_params)
+        self.rule, self._inner_defaults, self.transforms = self._read_inner_optimizer(inner_optim)
+        self.learned = nn.ParameterDict()
+        self._learned_keys: dict[str, dict[str, str]] = {}
+        for hp_name, spec in (learnable or {}).items():
+            self._add_learned(hp_name, spec)
+        self.eval_metrics = nn.ModuleDict({
+            f"{stage}_{name}_{when}": MeanWithConfidence()
+            for stage in ("val", "test")
+            for name in objective.metric_names
+            for when in ("pre", "post")
+        })
+        self._vmapped = False
+
+    # -- construction helpers -------------------------------------------------------------
+    def _choose_batching(self, batch_tasks: BatchTasks) -> bool:
+        buffers = has_batchnorm_state(self.model)
+        if batch_tasks == "vmap" and buffers:
+            names = [n for n, _ in self.model.named_buffers()][:4]
+            raise ValueError(
+                f"batch_tasks='vmap' cannot update the model's buffers {names}; use batch_tasks='sequential', or "
+                "BatchNorm without running statistics (track_running_stats=False)"
+            )
+        if batch_tasks == "auto":
+            conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+            return not (buffers or conv)
+        return batch_tasks == "vmap"
+
+    def _find_head(self, head: str | None) -> str | None:
+        modules = dict(self.model.named_modules())
+        if head is not None:
+            if not isinstance(modules.get(head), nn.Linear):
+                linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                raise ValueError(f"head={head!r} is not an nn.Linear of the model; its linear layers are {linear}")
+            return head
+        linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        return linear[-1] if linear else None
+
+    def _select_adapted(self, pattern: str | None) -> list[str]:
+        names = [n for n, _ in self.model.named_parameters()]
+        if pattern is None:
+            return names
+        chosen = [n for n in names if re.search(pattern, n)]
+        if not chosen:
+            raise ValueError(f"adapt_params={pattern!r} matches none of the model's parameters {names}; fix the pattern")
+        return chosen
+
+    def _read_inner_optimizer(self, inner_optim: OptimizerFactory) -> tuple[Rule, dict[str, Any], nn.ModuleDict | None]:
+        """Returns the inner rule, the optimizer's hyperparameters, and its transforms (TransformOptimizer only)."""
+        params = dict(self.model.named_parameters())
+        adapted = [params[n] for n in self.adapted_names]
+        optimizer = inner_optim(adapted)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"inner_optim must build a torch.optim.Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.4)), "
+                f"got {type(optimizer).__name__}"
+            )
+        if len(optimizer.param_groups) != 1:
+            raise ValueError(
+                f"inner_optim built {len(optimizer.param_groups)} param groups; give it one (per-parameter values "
+                "are learned hyperparameters: learnable={'lr': PerTensor()})"
+            )
+        defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        if isinstance(optimizer, TransformOptimizer):
+            transforms = nn.ModuleDict({
+                name.replace(".", "/"): transform for name, transform in zip(self.adapted_names, optimizer.transforms)
+            })
+            return RULES["transform"], defaults, transforms
+        rule = type(get_diff_optim(optimizer, adapted, track_higher_grads=False)).rule
+        if rule is None:
+            raise ValueError(
+                f"{type(optimizer).__name__}'s differentiable version has no pure update rule, which the fast inner "
+                "loop needs; use a torch.optim optimizer or a TransformOptimizer"
+            )
+        return rule, defaults, None
+
+    def _add_learned(self, hp_name: str, spec: Learned) -> None:
+        if hp_name not in self._inner_defaults:
+            known = sorted(k for k, v in self._inner_defaults.items() if _is_number_or_tuple(v))
+            raise ValueError(
+                f"learnable names {hp_name!r}, which is not a hyperparameter of the inner optimizer (it has {known}); "
+                "learn one of those, or pick an inner optimizer that has it (betas: adam, adamax, nadam, radam)"
+            )
+        init = self._inner_defaults[hp_name] if spec.init is None else spec.init
+        if not _is_number_or_tuple(init):
+            raise ValueError(f"learnable {hp_name!r} starts at {init!r}; a learned hyperparameter must be a number or tuple of numbers")
+        params = dict(self.model.named_parameters())
+        keys: dict[str, str] = {}
+        for name in self.adapted_names:
+            group = spec.key(name)
+            key = hp_name if not group else f"{hp_name}/{group.replace('.', '/')}"
+            if key not in self.learned:
+                param = params[name]
+                start = torch.as_tensor(init, dtype=param.dtype, device=param.device)
+                shape = tuple(start.shape) + spec.shape(param)
+                value = start.reshape(tuple(start.shape) + (1,) * len(spec.shape(param))).expand(shape)
+                self.learned[key] = nn.Parameter(value.clone())
+            keys[name] = key
+        self._learned_keys[hp_name] = keys
+
+    # -- hyperparameters --------------------------------------------------------------------
+    def inner_hparams(self) -> dict[str, dict[str, Any]]:
+        """Returns each adapted parameter's inner hyperparameters: the inner optimizer's, with learned values in."""
+        hparams = {}
+        for name in self.adapted_names:
+            hp = dict(self._inner_defaults)
+            for hp_name, keys in self._learned_keys.items():
+                value = self.learned[keys[name]]
+                hp[hp_name] = tuple(value.unbind(0)) if isinstance(self._inner_defaults[hp_name], tuple) else value
+            if self.transforms is not None:
+                hp["transform"] = self.transforms[name.replace(".", "/")]
+            hparams[name] = hp
+        return hparams
+
+    def adapted_parameters(self) -> list[nn.Parameter]:
+        """Returns the model's adapted parameters, in the order :meth:`learned_hyperparameters` lists values."""
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.adapted_names]
+
+    def learned_hyperparameters(self) -> dict[str, list[Any]]:
+        """Returns the learned inner hyperparameters as an override ``{name: [value]}`` for one param group.
+
+        The group is ``adapted_parameters()`` (``torch.optim.SGD(module.adapted_parameters(), lr=...)``);
+        ``value`` is a tensor when all adapted parameters share it, else a list with one value per
+        parameter. Use it with :func:`metaloop.optim.apply_trainable_opt_params` or as
+        ``metaloop.innerloop_ctx(..., override=...)``. Values are detached copies.
+        """
+        hparams = self.inner_hparams()
+        override: dict[str, list[Any]] = {}
+        for hp_name, keys in self._learned_keys.items():
+            values = [_detached(hparams[n][hp_name]) for n in self.adapted_names]
+            shared = len(set(keys.values())) == 1
+            override[hp_name] = [values[0] if shared else values]
+        return override
+
+    # -- hooks ------------------------------------------------------------------------------
+    def inner_loss(self, fmodel: Callable[..., Tensor], support: Batch) -> Tensor:
+        """Returns the loss the inner optimizer descends on one task's support set ``(x, y)``.
+
+        ``fmodel(x)`` runs the model with the task's current fast weights. Runs under
+        :func:`torch.func.vmap` when tasks are batched, so it must be free of data-dependent
+        Python control flow and ``.item()``.
+        """
+        x, y = support
+        return self.objective.loss(fmodel(x), y)
+
+    def outer_loss(self, fmodel: Callable[..., Tensor], query: Batch) -> Tensor:
+        """Returns one task's meta-training loss on its query set ``(x, y)``, given the adapted ``fmodel``."""
+        x, y = query
+        return self.objective.loss(fmodel(x), y)
+
+    def task_metrics(self, fmodel: Callable[..., Tensor], batch: Batch) -> dict[str, Tensor]:
+        """Returns one task's metrics (scalars, keys ``objective.metric_names``) on ``batch = (x, y)``."""
+        x, y = batch
+        return self.objective.metrics(fmodel(x), y)
+
+    def adapt(
+        self, support: Batch, steps: int | None = None, *, n_ways: int | None = None, create_graph: bool = False
+    ) -> FunctionalModel:
+        """Returns the model adapted to one task's support set ``(x, y)``, as a callable ``fmodel(x)``.
+
+        Args:
+            support: one task's inputs and targets (no task dimension).
+            steps: inner steps (default ``eval_inner_steps``).
+            n_ways: for a classifier, the task's number of classes. If it differs from the head's
+                outputs, the head starts from zeros with ``n_ways`` outputs (common MAML practice for
+                tasks with more ways than in training: all classes start equal, the support set
+                separates them); per-element learned values of the head (Meta-SGD) are averaged over
+                the trained classes. None keeps the trained head.
+            create_graph: keep the graph to the initial weights and learned hyperparameters (training).
+                False adapts without one (memory flat in ``steps``) and returns detached weights.
+
+        Raises:
+            ValueError: for an ``n_ways`` the head cannot take (see :meth:`_initial_weights`).
+        """
+        steps = self.eval_inner_steps if steps is None else steps
+        params, hparams = self._initial_weights(n_ways)
+        buffers = dict(self.model.named_buffers())
+        with contextlib.ExitStack() as stack:
+            if not create_graph:
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.enable_grad())
+            weights = adapt_weights(
+                _SupportLoss(self.model, self.inner_loss),
+                _prefixed(params),
+                support,
+                support[1],
+                loss_fn=_loss_is_output,
+                rule=self.rule,
+                hparams=_prefixed(hparams),
+                steps=steps,
+                buffers=_prefixed(buffers) or None,
+                first_order=self.first_order,
+                track_higher_grads=create_graph,
+                batched=self._vmapped,
+            )
+        return FunctionalModel(self.model, {name[len("model."):]: w for name, w in weights.items()})
+
+    def _initial_weights(self, n_ways: int | None) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+        """Returns the weights and hyperparameters to adapt from, with the head resized to ``n_ways``."""
+        params = dict(self.model.named_parameters())
+        hparams = self.inner_hparams()
+        if n_ways is None or self.head is None:
+            return params, hparams
+        head = self.model.get_submodule(self.head)
+        if n_ways == head.out_features:
+            return params, hparams
+        head_names = [f"{self.head}.{n}" for n, _ in head.named_parameters()]
+        if not all(n in hparams for n in head_names):
+            raise ValueError(
+                f"n_ways={n_ways} differs from the head's {head.out_features} outputs, but the head {self.head!r} does "
+                "not adapt (adapt_params excludes it), so a new head would stay at zero; adapt the head or use "
+                f"n_ways={head.out_features}"
+            )
+        if self.transforms is not None:
+            raise ValueError(
+                f"n_ways={n_ways} differs from the head's {head.out_features} outputs, and the learned transforms of "
+                f"the head are sized for {head.out_features}; evaluate {head.out_features}-way tasks or train with "
+                f"n_ways={n_ways}"
+            )
+        for name in head_names:
+            old = params[name]
+            params[name] = old.new_zeros((n_ways, *old.shape[1:]))
+            hparams[name] = {
+                k: _resize_rows(v, old.shape, n_ways) if isinstance(v, Tensor) else v for k, v in hparams[name].items()
+            }
+        return params, hparams
+
+    # -- training ---------------------------------------------------------------------------
+    def _task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns one task's outer loss and its (detached) query metrics after adaptation."""
+        fmodel = self.adapt((support_x, support_y), self.inner_steps, create_graph=True)
+        loss = self.outer_loss(fmodel, (query_x, query_y))
+        with torch.no_grad():
+            metrics = self.task_metrics(fmodel, (query_x, query_y))
+        return loss, metrics
+
+    @contextlib.contextmanager
+    def _vmap_tasks(self) -> Iterator[None]:
+        self._vmapped = True
+        try:
+            yield
+        finally:
+            self._vmapped = False
+
+    def _no_backward_sync(self) -> contextlib.AbstractContextManager[Any]:
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
+
+    def training_step(self, batch: Task, batch_idx: int) -> Tensor:
+        """Returns the mean query loss of the meta-batch, after one outer step on it."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        if self.batched:
+            with self._vmap_tasks():
+                losses, metrics = torch.func.vmap(self._task_loss)(*batch)
+            loss = losses.mean()
+            self.manual_backward(loss)
+            metrics = {k: v.mean() for k, v in metrics.items()}
+        else:
+            tasks = batch.support_x.shape[0]
+            losses, per_task = [], []
+            for i in range(tasks):
+                # one graph at a time; only the last backward all-reduces under DDP
+                with self._no_backward_sync() if i < tasks - 1 else contextlib.nullcontext():
+                    task_loss, task_metrics = self._task_loss(*(field[i] for field in batch))
+                    self.manual_backward(task_loss / tasks)
+                losses.append(task_loss.detach())
+                per_task.append(task_metrics)
+            loss = torch.stack(losses).mean()
+            metrics = {k: torch.stack([m[k] for m in per_task]).mean() for k in per_task[0]}
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        metrics["loss"] = loss.detach()
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=True)
+        self.log_dict({f"hp/{k}": v.detach().float().mean() for k, v in self.learned.items()})
+        return loss.detach()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.outer_optim(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _evaluate_task(
+        self, n_ways: int | None, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Returns one task's query metrics before and after adaptation."""
+        params, _ = self._initial_weights(n_ways)
+        with torch.no_grad():
+            before = self.task_metrics(FunctionalModel(self.model, params), (query_x, query_y))
+        fmodel = self.adapt((support_x, support_y), self.eval_inner_steps, n_ways=n_ways)
+        with torch.no_grad():
+            after = self.task_metrics(fmodel, (query_x, query_y))
+        return before, after
+
+    def _evaluation_step(self, batch: Task, stage: str) -> None:
+        with torch.inference_mode(False):
+            # tensors made under inference mode cannot enter autograd; copies made outside it can
+            batch = Task(*(field.clone() for field in batch))
+        n_ways = self.objective.output_size(batch.support_y)
+        if self.batched:
+            with self._vmap_tasks():
+                before, after = torch.func.vmap(lambda *task: self._evaluate_task(n_ways, *task))(*batch)
+        else:
+            results = [self._evaluate_task(n_ways, *(field[i] for field in batch)) for i in range(batch.support_x.shape[0])]
+            before = {k: torch.stack([r[0][k] for r in results]) for k in results[0][0]}
+            after = {k: torch.stack([r[1][k] for r in results]) for k in results[0][1]}
+        for when, metrics in (("pre", before), ("post", after)):
+            for name, values in metrics.items():
+                key = f"{stage}_{name}_{when}"
+                if key not in self.eval_metrics:
+                    raise KeyError(
+                        f"task_metrics returned {name!r}, which is not in objective.metric_names "
+                        f"{self.objective.metric_names}; add it there so that it is aggregated"
+                    )
+                self.eval_metrics[key].update(values)
+
+    def _log_evaluation(self, stage: str) -> None:
+        for key, metric in self.eval_metrics.items():
+            if not key.startswith(f"{stage}_"):
+                continue
+            if metric.update_count == 0 and self.trainer.world_size == 1:
+                continue
+            mean, half_width = metric.compute()
+            name = key[len(stage) + 1 :]
+            # already reduced over ranks by the metric; sync_dist only marks the value as global
+            self.log(f"{stage}/{name}", mean.float(), prog_bar=name.endswith("_post"), sync_dist=True)
+            self.log(f"{stage}/{name}_ci95", half_width.float(), sync_dist=True)
+            metric.reset()
+
+    def validation_step(self, batch: Task, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Task, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_task(self, task: Task, stage: str = "fit") -> None:
+        """Raises ``ValueError`` if the model or objective cannot handle ``task`` (one task, no task dimension).
+
+        In training the model's own head must fit the task; in evaluation a classifier's head may
+        be re-sized (see :meth:`adapt`).
+        """
+        n_ways = None if stage == "fit" else self.objective.output_size(task.support_y)
+        params, _ = self._initial_weights(n_ways)
+        with torch.no_grad():
+            try:
+                output = FunctionalModel(self.model, params)(task.support_x)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise ValueError(
+                    f"{type(self.model).__name__} cannot run on the task's support inputs of shape "
+                    f"{tuple(task.support_x.shape)} ({str(err).splitlines()[0]}); choose a model for this task's inputs"
+                ) from err
+        self.objective.check(output, task.support_y)
+
+    def check_datamodule(self, datamodule: lightning.LightningDataModule, stage: str) -> None:
+        """Raises ``ValueError`` if the first task ``stage`` would use cannot be handled (see :meth:`check_task`).
+
+        ``stage`` is ``"fit"``, ``"validate"`` or ``"test"``; data modules other than
+        :class:`MetaDataModule`, and evaluation stages without tasks, are not checked.
+        """
+        if not isinstance(datamodule, MetaDataModule) or stage not in _STAGE_SPLITS:
+            return
+        if (stage == "validate" and not datamodule.num_val_tasks) or (stage == "test" and not datamodule.num_test_tasks):
+            return
+        self.check_task(sample_task(datamodule.tasks, _STAGE_SPLITS[stage], datamodule.seed, 0), stage)
+
+    def setup(self, stage: str) -> None:
+        """Checks the attached data module's tasks against the model before any step runs."""
+        self.check_datamodule(self.trainer.datamodule, stage)
+
+
+def _is_number_or_tuple(value: Any) -> bool:
+    values = value if isinstance(value, tuple) else (value,)
+    return bool(values) and all(
+        (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, Tensor) and v.is_floating_point())
+        for v in values
+    )
+
+
+def _resize_rows(value: Tensor, shape: torch.Size, rows: int) -> Tensor:
+    """Returns a per-element value of a head parameter of ``shape`` for ``rows`` outputs: the mean over trained rows."""
+    if tuple(value.shape[-len(shape):]) != tuple(shape) or len(shape) == 0:
+        return value
+    lead = value.ndim - len(shape)
+    mean = value.mean(dim=lead, keepdim=True)
+    return mean.expand(*value.shape[:lead], rows, *shape[1:])
+
