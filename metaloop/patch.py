@@ -119,9 +119,10 @@ class FunctionalModule(nn.Module):
     def fast_params(self, value: Iterable[torch.Tensor]) -> None:
         self._record(value)
 
-    def _record(self, value: Iterable[torch.Tensor]) -> None:
+    def _record(self, value: Iterable[torch.Tensor], check: bool = True) -> None:
         value = list(value)
-        _check_params(self._param_names, self._reference_params, value)
+        if check:
+            _check_params(self._param_names, self._reference_params, value)
         # Plain attribute writes: nn.Module.__setattr__ is slow, and this runs every step.
         if self._fast_params is None:
             self.__dict__["_fast_params"] = [value]

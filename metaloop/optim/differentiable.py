@@ -137,7 +137,10 @@ class DifferentiableOptimizer:
                     "step() needs params=: this differentiable optimizer was built without an fmodel "
                     "holding fast weights"
                 )
-            params = self._fmodel.fast_params
+            latest = self._fmodel.fast_params
+            if len(latest) == len(self._reference_shapes):
+                return list(latest)  # checked when the functional module recorded them
+            params = latest
         params = list(params)
         if len(params) != len(self._reference_shapes):
             raise ValueError(
@@ -192,8 +195,11 @@ class DifferentiableOptimizer:
         grouped_grads = [[grads[i] for i in indices] for indices in self._group_to_param_list]
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             group["params"] = [params[i] for i in indices]
-        with torch.set_grad_enabled(self._track_higher_grads):
+        if self._track_higher_grads:
             self._update(grouped_grads, **kwargs)
+        else:
+            with torch.no_grad():
+                self._update(grouped_grads, **kwargs)
         new_params = list(params)
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             for i, p in zip(indices, group["params"]):
@@ -202,7 +208,8 @@ class DifferentiableOptimizer:
             new_params = [p.detach().requires_grad_(p0.requires_grad) for p, p0 in zip(new_params, params)]
             self.state = _recursive_map(self.state, lambda x: x.detach() if isinstance(x, Tensor) else x)
         if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+            # A rule keeps shapes (the transform rule checks), so only _update overrides are re-checked.
+            self._fmodel._record(new_params, check=self.rule is None)
         return new_params
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
