@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,14 @@ _LAUNCHER_PLUGINS = {
     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
 }
+
+# Lightning warnings that do not apply to meta-learning runs: the task stream is an endless IterableDataset
+# with a length, and manual optimisation checkpoints after the step by design.
+_NOISE = (
+    r"Your `IterableDataset` has `__len__` defined",
+    r"Using ModelCheckpoint with manual optimization",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 
 
 class UsageError(Exception):
@@ -169,7 +178,8 @@ def _hydra_argv(command: str, args: Sequence[str]) -> list[str] | None:
         return None
     folder, name = _resolve_recipe(config)
     _check_launcher(overrides)
-    searchpath = f"hydra.searchpath=['file://{config_dir()}']"
+    # configs/ for the groups and config.yaml; recipes/ so that a recipe elsewhere can build on a shipped one
+    searchpath = f"hydra.searchpath=['file://{config_dir()}','file://{recipe_dir()}']"
     argv = ["--config-dir", str(folder), "--config-name", name, searchpath, f"command={command}", f"recipe={name}"]
     return argv + list(overrides) + (["--multirun"] if multirun else [])
 
@@ -244,9 +254,20 @@ def run(cfg: Any) -> dict[str, float]:
     import torch
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from metaloop.cli.report import print_summary
 
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise UsageError(
+            f"{str(err).splitlines()[0]} (at {getattr(err, 'full_key', '?')}); set it on the command line, "
+            "e.g. task.source=mypackage.tasks.linear_tasks for task=custom"
+        ) from err
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     lightning.seed_everything(cfg.seed, workers=True, verbose=False)

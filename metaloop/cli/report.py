@@ -101,8 +101,8 @@ def print_summary(cfg: Any, trainer: lightning.Trainer, results: dict[str, float
     from hydra.core.hydra_config import HydraConfig
 
     table = Table(box=None, title=f"metaloop {cfg.command}: {cfg.recipe}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else trainer.default_root_dir
     table.add_row("run folder", str(output_dir))
     for command, seconds in timings.items():

@@ -26,6 +26,11 @@ class Conv4(nn.Module):
 
     def __init__(self, out_features: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
         super().__init__()
+        if not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(
+                f"out_features={out_features!r}: Conv4 is a classifier and needs the number of classes (the task's "
+                "n_ways); pick a classification task (task=omniglot) or, for regression, a regression model (model=mlp)"
+            )
         if image_size < 16:
             raise ValueError(f"image_size={image_size} is too small for four 2x2 poolings; use at least 16 (Omniglot: 28)")
         blocks: list[nn.Module] = []

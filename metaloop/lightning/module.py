@@ -508,12 +508,13 @@ class MetaLightningModule(lightning.LightningModule):
             ValueError: for an ``n_ways`` the head cannot take (see :meth:`_initial_weights`).
         """
         steps = self.eval_inner_steps if steps is None else steps
-        params, hparams = self._initial_weights(n_ways)
-        buffers = dict(self.model.named_buffers())
         with contextlib.ExitStack() as stack:
             if not create_graph:
+                # evaluation hooks run under inference mode or no_grad; the inner loop needs gradients
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.enable_grad())
+            params, hparams = self._initial_weights(n_ways)
+            buffers = dict(self.model.named_buffers())
             weights = adapt_weights(
                 _SupportLoss(self.model, self.inner_loss),
                 _prefixed(params),

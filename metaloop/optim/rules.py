@@ -45,6 +45,9 @@ class Rule(NamedTuple):
     foreach_hparams: tuple[str, ...] = ()
 
 
+FOREACH_MAX_MEAN_NUMEL = 4096
+
+
 def apply_rule(
     rule: Rule, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper, foreach: bool = True
 ) -> tuple[list[Tensor], list[State]]:
@@ -53,9 +56,18 @@ def apply_rule(
     Uses the rule's foreach form when it has one and the hyperparameters it reads are Python
     numbers (one kernel per list, one autograd node: faster, same values to rounding), else
     the per-tensor form (always, with ``foreach=False``, e.g. under vmap).
+
+    Foreach kernels save their inputs for backward, so each step of an unrolled graph keeps
+    the gradients alive, where per-tensor ops save nothing; they pay off for many small
+    tensors (dispatch-bound), not for large ones (bandwidth-bound). They are used when the
+    mean tensor size is at most :data:`FOREACH_MAX_MEAN_NUMEL` elements.
     """
-    if foreach and rule.foreach is not None and params and not any(
-        _is_learned(hp.get(k)) for k in rule.foreach_hparams
+    if (
+        foreach
+        and rule.foreach is not None
+        and params
+        and sum(p.numel() for p in params) <= FOREACH_MAX_MEAN_NUMEL * len(params)
+        and not any(_is_learned(hp.get(k)) for k in rule.foreach_hparams)
     ):
         return rule.foreach(params, grads, states, hp)
     updated = [rule.update(p, g, s, hp) for p, g, s in zip(params, grads, states)]
