@@ -84,3 +84,20 @@ def _find_param_in_list(param: torch.Tensor, tensors: Iterable[torch.Tensor]) ->
         if p is param:
             return i
     return None
+
+
+def _get_param_mapping(module: torch.nn.Module, seen: list[torch.Tensor], mapping: list[int]) -> list[int]:
+    """Returns, for every parameter slot of ``module`` (tied ones repeated), its index among unique parameters."""
+    for param in module._parameters.values():
+        if param is None:
+            continue
+        found = _find_param_in_list(param, seen)
+        if found is None:
+            mapping.append(len(seen))
+            seen.append(param)
+        else:
+            mapping.append(found)
+    for child in module._modules.values():
+        if child is not None:
+            _get_param_mapping(child, seen, mapping)
+    return mapping
