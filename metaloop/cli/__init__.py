@@ -1,20 +1,10 @@
 """The ``metaloop`` command: compose a recipe with Hydra, then fit, validate or test it with Lightning.
 
-::
-
-    metaloop recipes                                   # the recipes, one line each
-    metaloop fit --config maml_omniglot.yaml           # a recipe from recipes/ (or a path to a YAML file)
-    metaloop fit --config maml_omniglot.yaml inner.steps=5 trainer.max_steps=2000 task.n_ways=20
-    metaloop fit -m --config maml_omniglot.yaml inner.lr=0.1,0.4 seed=0,1,2    # a sweep
-    metaloop fit --config maml_omniglot.yaml hydra.run.dir=runs/a ckpt_path=last   # resume runs/a
-    metaloop test --config maml_omniglot.yaml ckpt_path=runs/a/checkpoints/last.ckpt
-    metaloop fit --help                                # the config groups and their options
-
 A recipe is a Hydra primary config whose defaults list starts from ``config`` (``configs/config.yaml``)
-and overrides options and values. The command line becomes Hydra's: the recipe's folder is the config
-folder, ``configs/`` is on the search path, and ``command=`` / ``recipe=`` are set from the subcommand
-and recipe name, so Lightning's DDP launcher, which re-runs the process with Hydra's arguments, reaches
-the same configuration.
+and overrides options and values (see :data:`USAGE`). The command line becomes Hydra's: the recipe's
+folder is the config folder, ``configs/`` and ``recipes/`` are on the search path, and ``command=`` /
+``recipe=`` are set from the subcommand and the recipe's name, so Lightning's DDP launcher, which re-runs
+the process with Hydra's arguments, composes the same run on every rank.
 """
 
 from __future__ import annotations
@@ -27,9 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "config_dir", "main", "recipe_dir", "recipe_summaries", "run"]
+__all__ = ["COMMANDS", "USAGE", "UsageError", "config_dir", "main", "recipe_dir", "recipe_summaries", "run"]
 
 COMMANDS = ("fit", "validate", "test")
+USAGE = """\
+usage: metaloop recipes | {fit,validate,test} [--config RECIPE] [-m] [--help] [KEY=VALUE ...]
+
+  metaloop recipes                                   # the recipes, one line each
+  metaloop fit --config maml_omniglot.yaml           # a recipe from recipes/ (or a path to a YAML file)
+  metaloop fit --config maml_omniglot.yaml inner.steps=5 trainer.max_steps=2000 task.n_ways=20
+  metaloop fit -m --config maml_omniglot.yaml inner.lr=0.1,0.4 seed=0,1,2    # a sweep
+  metaloop fit --config maml_omniglot.yaml hydra.run.dir=runs/a ckpt_path=last   # resume runs/a
+  metaloop test --config maml_omniglot.yaml ckpt_path=runs/a/checkpoints/last.ckpt
+  metaloop fit --help                                # the config groups and their options"""
 _LAUNCHER_PLUGINS = {
     "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if not args or args[0] in ("-h", "--help"):
-            print(__doc__.split("::")[1].rstrip() if __doc__ else "")
+            print(USAGE)
             return
         if args[0] == "recipes":
             _print_recipes()
@@ -252,6 +252,7 @@ def run(cfg: Any) -> dict[str, float]:
     """
     import lightning
     import torch
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -292,7 +293,7 @@ def run(cfg: Any) -> dict[str, float]:
         timings["test"] = time.perf_counter() - start
     results = {k: float(v) for output in outputs or [] for k, v in output.items()}
     if trainer.is_global_zero:
-        print_summary(cfg, trainer, results, timings)
+        print_summary(cfg, trainer, results, timings, HydraConfig.get().runtime.output_dir)
     return results
 
 
@@ -305,5 +306,5 @@ def _instantiation_message(err: Exception) -> str:
     key = first[first.find("full_key:"):] if "full_key:" in first else ""
     message = str(cause) if cause is not err else first
     if isinstance(cause, ModuleNotFoundError) and "tensorboard" in message.lower():
-        message += " (logger=tensorboard needs `pip install tensorboard`; or use logger=csv)"
+        message += " (logger=tensorboard needs `pip install 'metaloop[tensorboard]'`; or use logger=csv)"
     return f"{message}" + (f" [{key}]" if key else "")

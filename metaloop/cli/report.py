@@ -32,7 +32,8 @@ class LearningCurve(lightning.Callback):
             if key.startswith("train/"):
                 self.train.setdefault(key[len("train/"):], []).append((trainer.global_step, float(value)))
 
-    def on_validation_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        # not on_validation_epoch_end: callbacks run that hook before the module logs its epoch metrics
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
@@ -96,15 +97,14 @@ def _format(results: dict[str, float], key: str) -> str | None:
     return text
 
 
-def print_summary(cfg: Any, trainer: lightning.Trainer, results: dict[str, float], timings: dict[str, float]) -> None:
-    """Prints a table of the run: what ran, how long (``timings``: seconds per command), the meta-step rate, the final metrics."""
-    from hydra.core.hydra_config import HydraConfig
-
+def print_summary(
+    cfg: Any, trainer: lightning.Trainer, results: dict[str, float], timings: dict[str, float], run_dir: str | Path
+) -> None:
+    """Prints a table of the run: where, how long (``timings``: seconds per command), the meta-step rate, the final metrics."""
     table = Table(box=None, title=f"metaloop {cfg.command}: {cfg.recipe}", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
-    output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else trainer.default_root_dir
-    table.add_row("run folder", str(output_dir))
+    table.add_row("run folder", str(run_dir))
     for command, seconds in timings.items():
         table.add_row(f"{command} time", f"{seconds:.1f} s")
     if "fit" in timings:

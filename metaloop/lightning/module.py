@@ -259,7 +259,7 @@ def _detached(value: Any) -> Any:
 
 # -- The module ---------------------------------------------------------------------------
 class MetaLightningModule(lightning.LightningModule):
-    """Returns nothing; trains ``model``'s initial weights (and learned inner hyperparameters) by meta-learning.
+    """A LightningModule that meta-learns ``model``'s initial weights, learned inner hyperparameters and transforms.
 
     Each training step takes a meta-batch (:class:`~metaloop.tasks.Task` with a leading task
     dimension), adapts the model to each task's support set with ``inner_steps`` steps of the
