@@ -26,7 +26,7 @@ from torch.func import functional_call
 from torchmetrics import Metric
 
 from metaloop.lightning.datamodule import MetaDataModule
-from metaloop.optim import RULES, Rule, get_diff_optim
+from metaloop.optim import RULES, Rule, get_rule
 from metaloop.optim.loop import adapt as adapt_weights
 from metaloop.optim.loop import has_batchnorm_state
 from metaloop.tasks import Task, sample_task
@@ -400,7 +400,7 @@ class MetaLightningModule(lightning.LightningModule):
                 name.replace(".", "/"): transform for name, transform in zip(self.adapted_names, optimizer.transforms)
             })
             return RULES["transform"], defaults, transforms
-        rule = type(get_diff_optim(optimizer, adapted, track_higher_grads=False)).rule
+        rule = get_rule(type(optimizer))
         if rule is None:
             raise ValueError(
                 f"{type(optimizer).__name__}'s differentiable version has no pure update rule, which the fast inner "

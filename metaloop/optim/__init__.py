@@ -26,6 +26,7 @@ from metaloop.optim.differentiable import (
     _OverrideType,
     create_diff_optim,
     get_diff_optim,
+    get_rule,
     register_optim,
 )
 from metaloop.optim.hyperparams import apply_trainable_opt_params, get_trainable_opt_params
@@ -47,6 +48,7 @@ __all__ = [
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
+    "get_rule",
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
     "Rule",

@@ -38,6 +38,7 @@ __all__ = [
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
+    "get_rule",
 ]
 
 Device = torch.device | str | None
@@ -350,6 +351,11 @@ def _lookup(optim_type: type) -> type[DifferentiableOptimizer]:
         f"no differentiable version of {getattr(optim_type, '__name__', optim_type)}; supported: "
         f"{supported}. Add one with metaloop.optim.register_optim(YourOptimizer, YourDifferentiableOptimizer)"
     )
+
+
+def get_rule(optim_type: type) -> rules.Rule | None:
+    """Returns the pure update rule of ``optim_type``'s differentiable version (None for an ``_update`` override)."""
+    return _lookup(optim_type).rule
 
 
 def get_diff_optim(

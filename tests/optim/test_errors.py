@@ -108,3 +108,10 @@ def test_loss_without_graph_is_explained(model):
             loss = fmodel(torch.randn(2, 3)).sum()
         with pytest.raises(ValueError, match=r"has no graph \(was it computed under torch.no_grad\(\)\?\)"):
             diffopt.step(loss)
+
+
+def test_get_rule_names_the_rule_or_explains():
+    assert metaloop.optim.get_rule(torch.optim.AdamW) is metaloop.optim.RULES["adam"]
+    assert metaloop.optim.get_rule(torch.optim.SGD) is metaloop.optim.RULES["sgd"]
+    with pytest.raises(ValueError, match="no differentiable version of LBFGS"):
+        metaloop.optim.get_rule(torch.optim.LBFGS)
