@@ -28,7 +28,7 @@ from torchmetrics import Metric
 from metaloop.lightning.datamodule import MetaDataModule
 from metaloop.optim import RULES, Rule, get_rule
 from metaloop.optim.loop import adapt as adapt_weights
-from metaloop.optim.loop import has_batchnorm_state
+from metaloop.optim.loop import vmap_problems
 from metaloop.tasks import Task, sample_task
 from metaloop.transforms import TransformOptimizer
 
@@ -348,16 +348,15 @@ class MetaLightningModule(lightning.LightningModule):
 
     # -- construction helpers -------------------------------------------------------------
     def _choose_batching(self, batch_tasks: BatchTasks) -> bool:
-        buffers = has_batchnorm_state(self.model)
-        if batch_tasks == "vmap" and buffers:
-            names = [n for n, _ in self.model.named_buffers()][:4]
+        problems = vmap_problems(self.model, second_order=not self.first_order)
+        if batch_tasks == "vmap" and problems:
             raise ValueError(
-                f"batch_tasks='vmap' cannot update the model's buffers {names}; use batch_tasks='sequential', or "
-                "BatchNorm without running statistics (track_running_stats=False)"
+                f"batch_tasks='vmap' cannot adapt this model: {'; '.join(problems)}; use batch_tasks='sequential'"
+                + (", or BatchNorm without running statistics (track_running_stats=False)" if "buffers" in problems[0] else "")
             )
         if batch_tasks == "auto":
             conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
-            return not (buffers or conv)
+            return not (problems or conv)
         return batch_tasks == "vmap"
 
     def _find_head(self, head: str | None) -> str | None:

@@ -263,12 +263,17 @@ def test_constructor_errors_name_the_value(kwargs, message):
         sinusoid_module(**kwargs)
 
 
-def test_vmap_refuses_running_statistics():
+def test_vmap_refuses_running_statistics_and_second_order_batchnorm():
     model = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-    with pytest.raises(ValueError, match=r"batch_tasks='vmap' cannot update the model's buffers"):
+    with pytest.raises(ValueError, match=r"batch_tasks='vmap' cannot adapt this model: it has buffers \(1.running_mean"):
         sinusoid_module(model=model, batch_tasks="vmap")
     assert sinusoid_module(model=model).batched is False
     assert sinusoid_module().batched is True and conv_module().batched is False
+    batch_stats = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"BatchNorm layers \(1\) get wrong second-order gradients under vmap"):
+        sinusoid_module(model=batch_stats, batch_tasks="vmap")
+    assert sinusoid_module(model=batch_stats).batched is False
+    assert sinusoid_module(model=batch_stats, batch_tasks="vmap", first_order=True).batched is True
 
 
 def test_check_task_rejects_models_and_objectives_that_do_not_fit():

@@ -105,3 +105,31 @@ def test_transform_rule_checks_shape():
     torch.testing.assert_close(new, torch.zeros(3))
     with pytest.raises(ValueError, match=r"update of shape \(1, 3\) for a gradient of shape \(3,\)"):
         rule.update(p, g, {}, {"transform": lambda grad: grad.reshape(1, 3)})
+
+
+def test_vmap_refuses_second_order_through_batchnorm_but_first_order_matches():
+    """PyTorch 2.13's vmap gets second-order BatchNorm gradients wrong: adapt refuses, first order is fine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(3, 6, 1, 6, 6), torch.randint(0, 3, (3, 6))
+    hp = {"lr": 0.4, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0}
+    hparams = {n: hp for n, _ in model.named_parameters()}
+    params = dict(model.named_parameters())
+    ce = nn.functional.cross_entropy
+
+    def task_loss(first_order, batched):
+        def one(xi, yi):
+            fast = adapt(model, params, xi, yi, loss_fn=ce, rule=RULES["sgd"], hparams=hparams, steps=2,
+                         first_order=first_order, batched=batched)
+            return ce(functional_call(model, fast, (xi,)), yi)
+        return one
+
+    with pytest.raises(ValueError, match=r"BatchNorm layers \(1\) get wrong second-order gradients under vmap"):
+        vmap(task_loss(False, True))(x, y)
+    batched = torch.autograd.grad(vmap(task_loss(True, True))(x, y).sum(), list(params.values()))
+    sequential = torch.autograd.grad(sum(task_loss(True, False)(xi, yi) for xi, yi in zip(x, y)), list(params.values()))
+    for a, b in zip(batched, sequential):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert metaloop.optim.loop.vmap_problems(nn.BatchNorm1d(3)) != []
+    assert metaloop.optim.loop.vmap_problems(nn.Linear(2, 2)) == []
