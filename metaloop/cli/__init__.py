@@ -184,14 +184,22 @@ def _hydra_argv(command: str, args: Sequence[str]) -> list[str] | None:
     return argv + list(overrides) + (["--multirun"] if multirun else [])
 
 
-def _check_launcher(overrides: Sequence[str]) -> None:
+def _installed(module: str) -> bool:
+    """True if ``module`` can be imported (a missing parent package counts as not installed)."""
     import importlib.util
 
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _check_launcher(overrides: Sequence[str]) -> None:
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+~") == "launcher" and value in _LAUNCHER_PLUGINS:
             module, package = _LAUNCHER_PLUGINS[value]
-            if importlib.util.find_spec(module) is None:
+            if not _installed(module):
                 raise UsageError(
                     f"launcher={value} needs the Hydra plugin {package}, which is not installed; "
                     f"pip install 'metaloop[launchers]' (or pip install {package}), or use launcher=basic"

@@ -155,7 +155,7 @@ def test_a_sweep_writes_one_run_folder_per_job(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
+@pytest.mark.skipif(not metaloop.cli._installed("hydra_plugins.hydra_joblib_launcher"),
                     reason="needs hydra-joblib-launcher (pip install 'metaloop[launchers]')")
 def test_a_sweep_with_the_joblib_launcher(tmp_path):
     cli("fit", "-m", *SINE, "launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
@@ -260,7 +260,7 @@ GROUP_OPTIONS = [
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_option_composes_with_a_recipe(group, option, capsys):
     plugin = metaloop.cli._LAUNCHER_PLUGINS.get(option) if group == "launcher" else None
-    if plugin and importlib.util.find_spec(plugin[0]) is None:
+    if plugin and not metaloop.cli._installed(plugin[0]):
         pytest.skip(f"needs {plugin[1]}")
     extra = ["task.source=metaloop.tasks.SinusoidTasks"] if option == "custom" else []
     main(["fit", "--config", "maml_sinusoid.yaml", f"{group}={option}", *extra, "--cfg", "job"])
