@@ -12,6 +12,7 @@ arguments, not subclasses. What a task's loss is comes from an :class:`Objective
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -133,7 +134,7 @@ class Regression:
 
 
 # -- Learned hyperparameters --------------------------------------------------------------
-class Learned:
+class Learned(abc.ABC):
     """Says how one inner hyperparameter is learned: which adapted parameters share a value, and its start.
 
     Subclasses differ in :meth:`key` (parameters with the same key share one learned value) and
@@ -145,9 +146,9 @@ class Learned:
     def __init__(self, init: float | Sequence[float] | None = None) -> None:
         self.init = init
 
+    @abc.abstractmethod
     def key(self, name: str) -> str:
         """Returns the name of the value that parameter ``name`` uses ("" for one shared value)."""
-        raise NotImplementedError
 
     def shape(self, param: Tensor) -> tuple[int, ...]:
         """Returns the shape of the value parameter ``param`` uses."""
