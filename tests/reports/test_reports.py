@@ -1,0 +1,56 @@
+"""Smoke tests of the report scripts: a couple of meta-steps each, tiny evaluations, into a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_report(name: str, tmp_path: Path, *args: str) -> str:
+    """Returns the Markdown written by ``python -m reports.NAME ARGS`` with runs and report in ``tmp_path``."""
+    report_dir = tmp_path / "report"
+    command = [sys.executable, "-m", f"reports.{name}", "--runs", str(tmp_path / "runs"), "--report-dir", str(report_dir)]
+    command += args
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert (report_dir / f"{name}.png").stat().st_size > 0
+    return (report_dir / f"{name}.md").read_text()
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Returns the cells of the Markdown table's body rows."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_sinusoid(tmp_path):
+    args = ["--steps", "2", "--shots", "5", "20", "--recipes", "metasgd_sinusoid", "--test-tasks", "4", "--val-tasks", "4"]
+    markdown = run_report("sinusoid", tmp_path, *args)
+    rows = table_rows(markdown)
+    assert [row[:3] for row in rows] == [["metasgd_sinusoid", "5", "2"], ["metasgd_sinusoid", "20", "2"]]
+    assert [row[4] for row in rows] == ["0.90 ± 0.16", "0.31 ± 0.05"]
+    assert all(float(row[3].split(" ± ")[0]) > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_omniglot(tmp_path):
+    args = ["--steps", "2", "--meta-batch", "2", "--recipes", "maml_omniglot", "--test-tasks", "4", "--val-tasks", "2"]
+    markdown = run_report("omniglot", tmp_path, *args)
+    rows = table_rows(markdown)
+    assert [row[:2] for row in rows] == [["maml_omniglot", s] for s in ("5-way 1-shot", "5-way 5-shot", "20-way 1-shot")]
+    assert all(0 <= float(row[3].split(" ± ")[0]) <= 100 for row in rows)
+
+
+@pytest.mark.slow
+def test_cross_alphabet(tmp_path):
+    markdown = run_report("cross_alphabet", tmp_path, "--steps", "2", "--meta-batch", "2", "--episodes", "4", "--val-tasks", "2")
+    rows = table_rows(markdown)
+    assert [row[:3] for row in rows] == [["Balinese", "24", "2"], ["Early_Aramaic", "22", "2"], ["all held-out", "46", "4"]]
+    assert "Chance: 5%" in markdown
