@@ -60,43 +60,62 @@ class FunctionalModule(nn.Module):
         track_higher_grads: bool = True,
     ) -> None:
         super().__init__()
-        # Not registered as a submodule: the functional module owns no parameters of its own.
-        object.__setattr__(self, "_module", module)
-        named = list(module.named_parameters())
-        self._param_names: list[str] = [n for n, _ in named]
-        self._reference_params: list[torch.Tensor] = [p for _, p in named]
-        index = {id(p): i for i, p in enumerate(self._reference_params)}
-        # Every name a parameter is reachable under, tied aliases included.
-        self._param_index: dict[str, int] = {
-            n: index[id(p)] for n, p in module.named_parameters(remove_duplicate=False)
-        }
-        # Where each fast weight goes, for every name a parameter is reachable under (the tie
-        # map that functional_call would recompute on each call): (owner's dict, key, index).
-        self._param_slots: list[tuple[dict, str, int]] = [
-            (*self._slot(module, name, "_parameters"), i) for name, i in self._param_index.items()
-        ]
-        self._buffer_slots: dict[str, tuple[dict, str]] = {
-            name: self._slot(module, name, "_buffers") for name, _ in module.named_buffers(remove_duplicate=False)
-        }
-        # Fused attention kernels have no double backward: use the math kernel for modules
-        # with attention layers while higher-order gradients are tracked.
-        self.math_attention: bool = any(
-            "Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in module.modules()
+        # One walk over the module (tied submodules and parameters included) gives the unique
+        # parameters in module.parameters() order and, for every name a tensor is reachable
+        # under, where its fast version goes: (owner's dict, key, index). This is the tie map
+        # functional_call recomputes on each call, resolved once.
+        names: list[str] = []
+        reference: list[torch.Tensor] = []
+        param_index: dict[str, int] = {}
+        param_slots: list[tuple[dict, str, int]] = []
+        buffer_slots: dict[str, tuple[dict, str]] = {}
+        own_buffers: dict[str, torch.Tensor] = {}
+        seen: dict[int, int] = {}
+        seen_buffers: set[int] = set()
+        submodules: list[nn.Module] = []
+        seen_modules: set[int] = set()
+        for prefix, mod in module.named_modules(remove_duplicate=False):
+            if id(mod) not in seen_modules:
+                seen_modules.add(id(mod))
+                submodules.append(mod)
+            dot = f"{prefix}." if prefix else ""
+            for attr, p in mod._parameters.items():
+                if p is None:
+                    continue
+                i = seen.get(id(p))
+                if i is None:
+                    i = seen[id(p)] = len(reference)
+                    reference.append(p)
+                    names.append(dot + attr)
+                param_index[dot + attr] = i
+                param_slots.append((mod._parameters, attr, i))
+            for attr, b in mod._buffers.items():
+                if b is not None:
+                    buffer_slots[dot + attr] = (mod._buffers, attr)
+                    if id(b) not in seen_buffers:
+                        seen_buffers.add(id(b))
+                        own_buffers[dot + attr] = b
+        # Plain attribute writes: nn.Module.__setattr__ is slow, and one of these is built per task.
+        self.__dict__.update(
+            _module=module,  # not registered as a submodule: the functional module owns no parameters
+            _param_names=names,
+            _reference_params=reference,
+            _param_index=param_index,
+            _param_slots=param_slots,
+            _buffer_slots=buffer_slots,
+            # Fused attention kernels have no double backward: use the math kernel for modules
+            # with attention layers while higher-order gradients are tracked.
+            math_attention=any(
+                "Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in submodules
+            ),
+            _fmodule_buffers=own_buffers if buffers is None else dict(buffers),
+            _submodules=submodules,
+            _modes=[m.training for m in submodules],
+            training=module.training,
+            _fast_params=None,
+            _views={},
         )
-        self._fmodule_buffers: dict[str, torch.Tensor] = (
-            dict(module.named_buffers()) if buffers is None else dict(buffers)
-        )
-        self._submodules: list[nn.Module] = list(module.modules())
-        self._modes: list[bool] = [m.training for m in self._submodules]
-        self.training = module.training
-        self._fast_params: list[list[torch.Tensor]] | None = None
-        self._views: dict[str, _SubmoduleView] = {}
         self.track_higher_grads = track_higher_grads
-
-    @staticmethod
-    def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str]:
-        owner, _, attr = name.rpartition(".")
-        return getattr(module.get_submodule(owner), kind), attr
 
     # -- fast weights -------------------------------------------------------------------
     @property
@@ -108,7 +127,7 @@ class FunctionalModule(nn.Module):
     def track_higher_grads(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"track_higher_grads must be a bool, got {value!r}")
-        self._track_higher_grads = value
+        self.__dict__["_track_higher_grads"] = value
 
     @property
     def fast_params(self) -> list[torch.Tensor] | None:
