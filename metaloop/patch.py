@@ -56,7 +56,6 @@ class FunctionalModule(nn.Module):
     def __init__(
         self,
         module: nn.Module,
-        buffers: dict[str, torch.Tensor] | None = None,
         track_higher_grads: bool = True,
     ) -> None:
         super().__init__()
@@ -108,7 +107,7 @@ class FunctionalModule(nn.Module):
             math_attention=any(
                 "Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in submodules
             ),
-            _fmodule_buffers=own_buffers if buffers is None else dict(buffers),
+            _fmodule_buffers=own_buffers,  # shared with the module until buffer_sync copies them
             _submodules=submodules,
             _modes=[m.training for m in submodules],
             training=module.training,
