@@ -81,7 +81,7 @@ def _load_local(path: Path, map_location: Any, *, shown: str, check_siblings: bo
                 "numbers; metaloop refuses to load it (loading would run that code). Re-save the weights from a "
                 "trusted environment, e.g. torch.save({'state_dict': model.state_dict()}, path)"
             ) from err
-        # torch's own message suggests weights_only=False, which is exactly what must not be done here
+        # torch's own message suggests loading without the restriction: exactly what must not be done here
         raise CheckpointError(_damaged(path, shown, "unreadable pickle data", check_siblings)) from err
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError) as err:
         raise CheckpointError(_damaged(path, shown, (str(err).splitlines() or [type(err).__name__])[0], check_siblings)) from err
