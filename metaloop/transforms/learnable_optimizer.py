@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metaloop.optim.rules import transform_step
 from metaloop.transforms.gradient_transforms import TransformFactory, apply_transform, build_transforms
 from metaloop.transforms.module_updates import _map_tensors, update_module
 
@@ -64,8 +65,7 @@ class LearnableOptimizer(nn.Module):
         for (name, p), transform in zip(named, self.transforms):
             if p.grad is None:
                 continue
-            update = apply_transform(transform, p.grad.detach(), f"parameter {name!r}")
-            new = p.detach() - update * self.lr
+            new = transform_step(p.detach(), p.grad.detach(), transform, self.lr, f"parameter {name!r}")
             if p.requires_grad and not new.requires_grad:  # a transform without parameters
                 new.requires_grad_()
             replacements[p] = new

@@ -111,7 +111,7 @@ def test_loss_without_graph_is_explained(model):
 
 
 def test_get_rule_names_the_rule_or_explains():
-    assert metaloop.optim.get_rule(torch.optim.AdamW) is metaloop.optim.RULES["adam"]
-    assert metaloop.optim.get_rule(torch.optim.SGD) is metaloop.optim.RULES["sgd"]
+    assert metaloop.optim.get_rule(torch.optim.AdamW) is metaloop.optim.OPTIMIZERS[torch.optim.Adam]
+    assert metaloop.optim.get_rule(torch.optim.SGD) is metaloop.optim.OPTIMIZERS[torch.optim.SGD]
     with pytest.raises(ValueError, match="no differentiable version of LBFGS"):
         metaloop.optim.get_rule(torch.optim.LBFGS)
