@@ -399,24 +399,38 @@ class MetaLightningModule(lightning.LightningModule):
             metrics = self.task_metrics(fmodel, (query_x, query_y))
         return loss, metrics
 
-    def _no_backward_sync(self) -> contextlib.AbstractContextManager[Any]:
+    def _backward(self, loss: Tensor, sync: bool) -> None:
+        """Backpropagates ``loss``; under DDP, all-reduces only if ``sync``. Outside a Trainer, plain ``backward``."""
+        if self._trainer is None:
+            loss.backward()
+            return
         strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
+        blocked = not sync and isinstance(strategy, ParallelStrategy)
+        with strategy.block_backward_sync() if blocked else contextlib.nullcontext():
+            self.manual_backward(loss)
 
-    def training_step(self, batch: Task, batch_idx: int) -> Tensor:
-        """Returns the mean query loss of the meta-batch, after one outer step on it."""
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
+    def meta_gradient(self, batch: Task) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the meta-batch's mean query loss and mean query metrics, detached, after adding its
+        meta-gradient to the ``.grad`` of this module's parameters (what :meth:`training_step` steps on).
+
+        Task by task, each task's graph is freed by its backward before the next task is adapted
+        (memory of one task; under DDP only the last backward all-reduces); under vmap, one backward.
+        Works outside a Trainer too (benchmarks, notebooks).
+        """
         tasks = batch.support_x.shape[0]
         losses, per_chunk = [], []
         for last, (chunk_losses, chunk_metrics) in self._over_tasks(self._task_loss, batch):
-            # under DDP only the last backward all-reduces
-            with contextlib.nullcontext() if last else self._no_backward_sync():
-                self.manual_backward(chunk_losses.sum() / tasks)
+            self._backward(chunk_losses.sum() / tasks, sync=last)
             losses.append(chunk_losses.detach())
             per_chunk.append(chunk_metrics)
-        loss = torch.cat(losses).mean()
         metrics = {k: torch.cat([m[k] for m in per_chunk]).mean() for k in per_chunk[0]}
+        return torch.cat(losses).mean(), metrics
+
+    def training_step(self, batch: Task, batch_idx: int) -> Tensor:
+        """Returns the mean query loss of the meta-batch, after one outer step on its :meth:`meta_gradient`."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss, metrics = self.meta_gradient(batch)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
