@@ -39,6 +39,8 @@ def _build(w: Workload, names: list[str], track: bool = True) -> tuple[dict, dic
             steps[name] = IMPLEMENTATIONS[name](w, track)
         except ImportError as err:
             skipped[name] = f"not installed ({err.name})"
+        except ValueError as err:  # metaloop refuses a combination it cannot differentiate correctly
+            skipped[name] = f"refused: {str(err).split(': ', 1)[-1][:90]}"
     return steps, skipped
 
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             print(_speed_table(speed_rows[-len(names):]), flush=True)
     memory_rows: list[dict] = []
     if "memory" in parts:
-        mem_names = ["higher", "plain PyTorch", "metaloop ctx", "metaloop adapt"]
+        mem_names = ["higher", "plain PyTorch", "metaloop ctx", "Lightning sequential"]
         for k in [1, 5, 10, 20]:
             memory_rows += memory(omniglot_workload(2, k), mem_names)
     report = [header, "", "## Speed", "", _speed_table(speed_rows)] if speed_rows else [header]

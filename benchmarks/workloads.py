@@ -3,22 +3,26 @@
 Each implementation turns a :class:`Workload` into a ``meta_step()`` closure that leaves the
 meta-gradient (the mean query loss over tasks, after ``K`` differentiable inner steps) in
 ``model.parameters()``'s ``.grad``. All use the same model object, so their gradients can be
-compared before they are timed.
+compared before they are timed. The two "Lightning" rows build a real
+:class:`~metaloop.lightning.MetaLightningModule` around the model and time its
+:meth:`~metaloop.lightning.MetaLightningModule.meta_gradient`, the body of its ``training_step``
+(everything but the outer optimizer's step and logging).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 import metaloop
-from metaloop.optim import RULES
-from metaloop.optim.loop import adapt
+from metaloop.lightning import Classification, MetaLightningModule, Objective, Regression
+from metaloop.tasks import Task
 
 MetaStep = Callable[[], None]
 
@@ -57,6 +61,7 @@ class Workload:
     inner: str  # "sgd" or "adam"
     lr: float
     loss: Callable[[Tensor, Tensor], Tensor]
+    objective: Objective
 
     @property
     def tasks(self) -> int:
@@ -87,7 +92,7 @@ def sinusoid_workload(tasks: int, steps: int, inner: str, seed: int = 0) -> Work
     ys = amp * torch.sin(xs - phase)
     lr = 0.01 if inner == "sgd" else 0.001
     return Workload(f"sinusoid T={tasks} K={steps} {inner}", sinusoid_mlp(), xs[:, :10], ys[:, :10],
-                    xs[:, 10:], ys[:, 10:], steps, inner, lr, mse)
+                    xs[:, 10:], ys[:, 10:], steps, inner, lr, mse, Regression())
 
 
 def omniglot_workload(tasks: int, steps: int, inner: str = "sgd", seed: int = 0) -> Workload:
@@ -101,7 +106,7 @@ def omniglot_workload(tasks: int, steps: int, inner: str = "sgd", seed: int = 0)
     qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
     lr = 0.4 if inner == "sgd" else 0.001
     return Workload(f"omniglot T={tasks} K={steps} {inner}", omniglot_convnet(ways), sx, sy, qx, qy,
-                    steps, inner, lr, cross_entropy)
+                    steps, inner, lr, cross_entropy, Classification())
 
 
 # -- implementations -----------------------------------------------------------------------
@@ -134,42 +139,33 @@ def metaloop_ctx_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
     return _context_impl(metaloop)(w, track_higher_grads)
 
 
-def _hparams(w: Workload) -> dict[str, dict]:
-    group = w.inner_optimizer([torch.zeros(1)]).param_groups[0]
-    return {name: group for name, _ in w.model.named_parameters()}
+def _lightning_impl(batch_tasks: str) -> Callable[[Workload, bool], MetaStep]:
+    def make(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+        inner = torch.optim.SGD if w.inner == "sgd" else torch.optim.Adam
+        module = MetaLightningModule(
+            w.model, w.objective, inner_optim=functools.partial(inner, lr=w.lr),
+            outer_optim=functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=w.steps, batch_tasks=batch_tasks,
+        )
+        batch = Task(w.support_x, w.support_y, w.query_x, w.query_y)
+
+        def meta_step() -> None:
+            if track_higher_grads:
+                module.meta_gradient(batch)
+            else:  # test mode: adapt without a graph, score the query set
+                for i in range(w.tasks):
+                    fmodel = module.adapt((w.support_x[i], w.support_y[i]), w.steps)
+                    with torch.no_grad():
+                        w.loss(fmodel(w.query_x[i]), w.query_y[i])
+
+        return meta_step
+
+    return make
 
 
-def metaloop_sequential_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
-    """metaloop.optim.loop.adapt, task by task (the Lightning module's path for conv nets)."""
-    hparams, rule = _hparams(w), RULES[w.inner]
-
-    def meta_step() -> None:
-        params = dict(w.model.named_parameters())
-        for i in range(w.tasks):
-            fast = adapt(w.model, params, w.support_x[i], w.support_y[i], loss_fn=w.loss, rule=rule,
-                         hparams=hparams, steps=w.steps, track_higher_grads=track_higher_grads)
-            query_loss = w.loss(functional_call(w.model, fast, (w.query_x[i],)), w.query_y[i]) / w.tasks
-            if query_loss.requires_grad:  # not in test mode (track_higher_grads=False)
-                query_loss.backward()
-
-    return meta_step
-
-
-def metaloop_vmap_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
-    """metaloop.optim.loop.adapt for all tasks at once under torch.func.vmap."""
-    hparams, rule = _hparams(w), RULES[w.inner]
-
-    def meta_step() -> None:
-        params = dict(w.model.named_parameters())
-
-        def task_loss(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-            fast = adapt(w.model, params, sx, sy, loss_fn=w.loss, rule=rule, hparams=hparams,
-                         steps=w.steps, track_higher_grads=track_higher_grads, batched=True)
-            return w.loss(functional_call(w.model, fast, (qx,)), qy)
-
-        vmap(task_loss)(w.support_x, w.support_y, w.query_x, w.query_y).mean().backward()
-
-    return meta_step
+lightning_sequential_impl = _lightning_impl("sequential")
+lightning_sequential_impl.__doc__ = "MetaLightningModule(batch_tasks='sequential').meta_gradient: task by task."
+lightning_vmap_impl = _lightning_impl("vmap")
+lightning_vmap_impl.__doc__ = "MetaLightningModule(batch_tasks='vmap').meta_gradient: all tasks at once under torch.func.vmap."
 
 
 def torchopt_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
@@ -232,6 +228,6 @@ IMPLEMENTATIONS: dict[str, Callable[[Workload, bool], MetaStep]] = {
     "torchopt": torchopt_impl,
     "plain PyTorch": reference_impl,
     "metaloop ctx": metaloop_ctx_impl,
-    "metaloop adapt": metaloop_sequential_impl,
-    "metaloop vmap": metaloop_vmap_impl,
+    "Lightning sequential": lightning_sequential_impl,
+    "Lightning vmap": lightning_vmap_impl,
 }

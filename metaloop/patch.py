@@ -40,7 +40,34 @@ def _check_params(names: Sequence[str], reference: Sequence[torch.Tensor], param
             )
 
 
-class FunctionalModule(nn.Module):
+# higher's names: the attributes of nn.Module's own machinery, and the base class of patched modules.
+_internal_attrs = {
+    "_backend", "_parameters", "_buffers", "_backward_hooks", "_forward_hooks",
+    "_forward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks", "_modules",
+}
+
+
+class _MonkeyPatchBase(nn.Module):
+    """The base class of functional modules (higher's name): ``isinstance(fmodel, _MonkeyPatchBase)`` holds."""
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(module_type: type) -> type:
+    """Returns ``FunctionalModule`` subclassed with ``module_type`` (cached; never instantiated), or
+    ``FunctionalModule`` itself where the two cannot be combined (a metaclass or layout conflict)."""
+    cls = _PATCHED_CLASSES.get(module_type)
+    if cls is None:
+        try:
+            cls = type(f"Functional{module_type.__name__}", (FunctionalModule, module_type), {"__module__": __name__})
+        except TypeError:
+            cls = FunctionalModule
+        _PATCHED_CLASSES[module_type] = cls
+    return cls
+
+
+class FunctionalModule(_MonkeyPatchBase):
     """A stateless view of ``module`` that runs its forward with fast weights.
 
     Calling ``fmodel(*args, params=None, **kwargs)`` runs ``module.forward`` with ``params``
@@ -115,6 +142,14 @@ class FunctionalModule(nn.Module):
             _views={},
         )
         self.track_higher_grads = track_higher_grads
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        """A subclass of both FunctionalModule and the wrapped module's type, so that, as in higher,
+        ``isinstance(fmodel, type(module))`` holds (``isinstance`` consults ``__class__``). Only
+        ``isinstance`` sees it: ``type(fmodel)`` and attribute lookup stay FunctionalModule's."""
+        module = self.__dict__.get("_module")
+        return FunctionalModule if module is None else _patched_class(type(module))
 
     # -- fast weights -------------------------------------------------------------------
     @property

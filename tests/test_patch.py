@@ -233,3 +233,17 @@ def test_track_higher_grads_flag(net):
     assert len(fmodel._fast_params) == 1
     with pytest.raises(ValueError, match="must be a bool"):
         fmodel.track_higher_grads = 1
+
+
+def test_highers_patch_names_hold_for_functional_modules():
+    """higher.patch._MonkeyPatchBase and _internal_attrs; isinstance(fmodel, type(model)) as in higher."""
+    from metaloop.patch import _internal_attrs, _MonkeyPatchBase
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh())
+    fmodel = metaloop.monkeypatch(model)
+    assert isinstance(fmodel, _MonkeyPatchBase) and isinstance(fmodel, metaloop.FunctionalModule)
+    assert isinstance(fmodel, torch.nn.Sequential) and not isinstance(fmodel, torch.nn.Linear)
+    assert type(fmodel) is metaloop.FunctionalModule  # only isinstance sees the combined class
+    assert isinstance(metaloop.monkeypatch(torch.nn.Linear(2, 2)), torch.nn.Linear)
+    assert {"_parameters", "_buffers", "_modules", "_forward_hooks"} <= _internal_attrs
+    assert all(hasattr(model, name) for name in _internal_attrs - {"_backend"})

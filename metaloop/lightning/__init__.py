@@ -1,26 +1,28 @@
-"""Lightning integration: the data module that serves meta-batches of tasks, and the module that meta-learns on them."""
+"""Lightning integration: the data module that serves meta-batches of tasks, and the module that meta-learns on them.
+
+- :mod:`~metaloop.lightning.module`: :class:`MetaLightningModule`.
+- :mod:`~metaloop.lightning.objectives`: what a task is scored by (:class:`Classification`, :class:`Regression`).
+- :mod:`~metaloop.lightning.learned`: how inner hyperparameters are learned (:class:`Shared` ... :class:`PerElement`).
+- :mod:`~metaloop.lightning.adapted_model`: :class:`AdaptedModel`, a model run with a task's adapted weights.
+- :mod:`~metaloop.lightning.metrics`: :class:`MeanWithConfidence`.
+"""
 
 from __future__ import annotations
 
+from metaloop.lightning.adapted_model import AdaptedModel
 from metaloop.lightning.datamodule import MetaDataModule
+from metaloop.lightning.learned import Learned, PerElement, PerLayer, PerTensor, Shared
+from metaloop.lightning.metrics import MeanWithConfidence
 from metaloop.lightning.models import MLP, Conv4
-from metaloop.lightning.module import (
-    Classification,
-    FunctionalModel,
-    Learned,
-    MeanWithConfidence,
-    MetaLightningModule,
-    Objective,
-    PerElement,
-    PerLayer,
-    PerTensor,
-    Regression,
-    Shared,
-)
+from metaloop.lightning.module import MetaLightningModule
+from metaloop.lightning.objectives import Classification, Objective, Regression
+
+FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that imports it
 
 __all__ = [
     "MetaDataModule",
     "MetaLightningModule",
+    "AdaptedModel",
     "FunctionalModel",
     "Objective",
     "Classification",

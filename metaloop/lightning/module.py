@@ -1,8 +1,8 @@
 """The LightningModule of meta-learning: an inner loop per task inside Lightning's outer loop.
 
 :class:`MetaLightningModule` adapts the model to each task of a meta-batch with a differentiable
-inner optimizer (:func:`metaloop.optim.loop.adapt`: any :mod:`~metaloop.optim.rules` rule, or a
-learned gradient transform), scores the adapted model on the task's query set, and steps an
+inner optimizer (:func:`metaloop.optim.loop.inner_loop` with the rule the optimizer table gives
+its inner optimizer: any ``torch.optim`` algorithm, or a learned gradient transform), scores the adapted model on the task's query set, and steps an
 outer optimizer on the mean query loss. MAML, first-order MAML, ANIL, Meta-SGD, per-layer or
 Adam-hyperparameter learning, Meta-Curvature and Kronecker-factored MAML are choices of its
 arguments, not subclasses. What a task's loss is comes from an :class:`Objective`
@@ -12,40 +12,29 @@ arguments, not subclasses. What a task's loss is comes from an :class:`Objective
 
 from __future__ import annotations
 
-import abc
 import contextlib
+import functools
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
 
 import lightning
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
-from torch.func import functional_call
-from torchmetrics import Metric
 
+from metaloop.lightning.adapted_model import AdaptedModel
 from metaloop.lightning.datamodule import MetaDataModule
-from metaloop.optim import RULES, Rule, get_rule
-from metaloop.optim.loop import adapt as adapt_weights
-from metaloop.optim.loop import vmap_problems
+from metaloop.lightning.learned import Learned, is_number_or_tuple
+from metaloop.lightning.metrics import MeanWithConfidence
+from metaloop.lightning.objectives import Objective
+from metaloop.optim import Rule, get_rule
+from metaloop.optim.hyperparams import per_parameter
+from metaloop.optim.loop import inner_loop, vmap_problems
 from metaloop.tasks import Task, sample_task
-from metaloop.transforms import TransformOptimizer
+from metaloop.utils import _recursive_map
 
-__all__ = [
-    "Classification",
-    "FunctionalModel",
-    "Learned",
-    "MeanWithConfidence",
-    "MetaLightningModule",
-    "Objective",
-    "PerElement",
-    "PerLayer",
-    "PerTensor",
-    "Regression",
-    "Shared",
-]
+__all__ = ["MetaLightningModule"]
 
 Batch = tuple[Tensor, Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
@@ -53,201 +42,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 BatchTasks = Literal["auto", "vmap", "sequential"]
 
 _STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
-
-
-# -- Objectives ---------------------------------------------------------------------------
-class Objective(Protocol):
-    """What a task is scored by: a loss, per-task metrics, and checks of a model's output against targets."""
-
-    metric_names: tuple[str, ...]
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor: ...
-
-    def metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]: ...
-
-    def output_size(self, target: Tensor) -> int | None: ...
-
-    def check(self, output: Tensor, target: Tensor) -> None: ...
-
-
-class Classification:
-    """Cross-entropy of logits ``(n, classes)`` against integer labels ``(n,)``; metrics ``loss`` and ``acc``."""
-
-    metric_names: tuple[str, ...] = ("loss", "acc")
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Returns the mean cross-entropy."""
-        return F.cross_entropy(output, target)
-
-    def metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """Returns ``{"loss": cross-entropy, "acc": fraction of argmax predictions equal to the label}``."""
-        return {"loss": F.cross_entropy(output, target), "acc": (output.argmax(-1) == target).float().mean()}
-
-    def output_size(self, target: Tensor) -> int:
-        """Returns the number of classes (ways) of a task with labels ``target`` (``0 .. n-1``)."""
-        return int(target.max()) + 1
-
-    def check(self, output: Tensor, target: Tensor) -> None:
-        """Raises ``ValueError`` unless ``output`` holds logits for every label of ``target``."""
-        if target.is_floating_point():
-            raise ValueError(
-                f"the task's labels are floats (dtype {target.dtype}, shape {tuple(target.shape)}): a regression task; "
-                "use a regression objective (objective: {_target_: metaloop.lightning.Regression}) and a regression model"
-            )
-        classes = self.output_size(target)
-        if output.ndim != 2 or output.shape[0] != target.shape[0] or output.shape[1] < classes:
-            raise ValueError(
-                f"the model returns shape {tuple(output.shape)} for {target.shape[0]} examples of a {classes}-way task; "
-                f"a classifier must return ({target.shape[0]}, {classes}): set the model's out_features to {classes}"
-            )
-
-
-class Regression:
-    """Mean squared error of ``output`` against float targets of the same shape; metric ``loss``."""
-
-    metric_names: tuple[str, ...] = ("loss",)
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Returns the mean squared error."""
-        return F.mse_loss(output, target)
-
-    def metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """Returns ``{"loss": mean squared error}``."""
-        return {"loss": F.mse_loss(output, target)}
-
-    def output_size(self, target: Tensor) -> None:
-        """Returns None: a regression head does not depend on the task."""
-        return None
-
-    def check(self, output: Tensor, target: Tensor) -> None:
-        """Raises ``ValueError`` unless ``target`` is float and ``output`` has its shape."""
-        if not target.is_floating_point():
-            raise ValueError(
-                f"the task's targets are integers (dtype {target.dtype}): a classification task; use a classification "
-                "objective (objective: {_target_: metaloop.lightning.Classification}) and a classifier"
-            )
-        if output.shape != target.shape:
-            raise ValueError(
-                f"the model returns shape {tuple(output.shape)} for targets of shape {tuple(target.shape)}; "
-                "a regression model must return the targets' shape (check the model's output size)"
-            )
-
-
-# -- Learned hyperparameters --------------------------------------------------------------
-class Learned(abc.ABC):
-    """Says how one inner hyperparameter is learned: which adapted parameters share a value, and its start.
-
-    Subclasses differ in :meth:`key` (parameters with the same key share one learned value) and
-    :meth:`shape` (the shape of that value). ``init`` is the initial value (a number, or a tuple
-    for tuple hyperparameters such as Adam's ``betas``); None starts from the inner optimizer's
-    configured value. Values are raw ``nn.Parameter``s, unconstrained, as in Meta-SGD.
-    """
-
-    def __init__(self, init: float | Sequence[float] | None = None) -> None:
-        self.init = init
-
-    @abc.abstractmethod
-    def key(self, name: str) -> str:
-        """Returns the name of the value that parameter ``name`` uses ("" for one shared value)."""
-
-    def shape(self, param: Tensor) -> tuple[int, ...]:
-        """Returns the shape of the value parameter ``param`` uses."""
-        return ()
-
-
-class Shared(Learned):
-    """One learned value for every adapted parameter (a learned inner learning rate, Adam's betas)."""
-
-    def key(self, name: str) -> str:
-        return ""
-
-
-class PerLayer(Learned):
-    """One learned scalar per layer: the parameters of one module (``conv.weight``, ``conv.bias``) share it."""
-
-    def key(self, name: str) -> str:
-        return name.rpartition(".")[0]
-
-
-class PerTensor(Learned):
-    """One learned scalar per parameter tensor."""
-
-    def key(self, name: str) -> str:
-        return name
-
-
-class PerElement(PerTensor):
-    """One learned value per element of every adapted parameter: Meta-SGD (Li et al. 2017)."""
-
-    def shape(self, param: Tensor) -> tuple[int, ...]:
-        return tuple(param.shape)
-
-
-# -- Functional model and metrics --------------------------------------------------------
-class FunctionalModel:
-    """A callable model: ``fmodel(x)`` runs ``module`` with ``weights`` in place of its parameters.
-
-    What :meth:`MetaLightningModule.adapt` returns; ``weights`` maps parameter names to the
-    adapted tensors (see :func:`torch.func.functional_call`).
-    """
-
-    def __init__(self, module: nn.Module, weights: Mapping[str, Tensor]) -> None:
-        self.module = module
-        self.weights = dict(weights)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Returns ``module(*args, **kwargs)`` computed with the adapted weights."""
-        return functional_call(self.module, self.weights, args, kwargs)
-
-
-class MeanWithConfidence(Metric):
-    """Returns ``(mean, half-width of the 95% confidence interval)`` of the values seen: ``1.96 * std / sqrt(n)``.
-
-    ``std`` is the sample standard deviation; states are sums, so DDP ranks merge exactly.
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("squares", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, values: Tensor) -> None:
-        values = values.detach().to(torch.float64).flatten()
-        self.total += values.sum()
-        self.squares += (values * values).sum()
-        self.count += values.numel()
-
-    def compute(self) -> tuple[Tensor, Tensor]:
-        mean = self.total / self.count
-        variance = ((self.squares - self.count * mean * mean) / (self.count - 1)).clamp(min=0)
-        return mean, 1.96 * torch.sqrt(variance / self.count)
-
-
-class _SupportLoss(nn.Module):
-    """``inner_loss(model, support)`` as a module, so :func:`~metaloop.optim.loop.adapt` can differentiate it.
-
-    ``adapt`` evaluates ``functional_call(self, weights, (support,))``: inside, ``self.model``
-    runs with the task's fast weights, which the hook sees as its ``fmodel``.
-    """
-
-    def __init__(self, model: nn.Module, inner_loss: Callable[[Callable[..., Tensor], Batch], Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self.inner_loss = inner_loss
-
-    def forward(self, support: Batch) -> Tensor:
-        return self.inner_loss(self.model, support)
-
-
-def _loss_is_output(loss: Tensor, target: Tensor) -> Tensor:
-    return loss
-
-
-def _prefixed(mapping: Mapping[str, Any], prefix: str = "model.") -> dict[str, Any]:
-    return {prefix + name: value for name, value in mapping.items()}
 
 
 def _detached(value: Any) -> Any:
@@ -273,10 +67,11 @@ class MetaLightningModule(lightning.LightningModule):
         model: the network; its last ``nn.Linear`` (or the module named ``head``) is the head.
         objective: the task's loss and metrics (:class:`Classification`, :class:`Regression`).
         inner_optim: a ``torch.optim`` optimizer class or partial (``functools.partial(torch.optim.SGD,
-            lr=0.4)``); it is called on the adapted parameters once, to read its hyperparameters (and,
-            for a :class:`~metaloop.transforms.TransformOptimizer`, to build one learned transform per
-            adapted parameter, trained by the outer optimizer and saved in checkpoints). Any optimizer
-            with a rule-based differentiable version (:func:`metaloop.optim.register_optim`) works.
+            lr=0.4)``); it is called on the adapted parameters once, to read its hyperparameters. Values
+            that are modules (a :class:`~metaloop.transforms.TransformOptimizer`'s one learned transform
+            per adapted parameter) become submodules in :attr:`inner_modules`, trained by the outer
+            optimizer and saved in checkpoints. Any optimizer in the optimizer table
+            (:data:`metaloop.optim.OPTIMIZERS`, extended by :func:`metaloop.optim.register_optim`) works.
         outer_optim: an optimizer partial, called on all trainable parameters of this module.
         scheduler: an LR scheduler partial called on the outer optimizer, stepped every meta-step.
         inner_steps: inner steps per task in training.
@@ -334,7 +129,16 @@ class MetaLightningModule(lightning.LightningModule):
         self.batched = self._choose_batching(batch_tasks)
         self.head = self._find_head(head)
         self.adapted_names = self._select_adapted(adapt_params)
-        self.rule, self._inner_defaults, self.transforms = self._read_inner_optimizer(inner_optim)
+        self.rule, self._inner_hparams = self._read_inner_optimizer(inner_optim)
+        # Module-valued hyperparameters (a TransformOptimizer's learned transforms) are trained by the
+        # outer optimizer and saved in checkpoints: register them as submodules.
+        self.inner_modules = nn.ModuleDict()
+        for name, hparams in self._inner_hparams.items():
+            for hp_name, value in hparams.items():
+                if isinstance(value, nn.Module):
+                    if hp_name not in self.inner_modules:
+                        self.inner_modules[hp_name] = nn.ModuleDict()
+                    self.inner_modules[hp_name][name.replace(".", "/")] = value
         self.learned = nn.ParameterDict()
         self._learned_keys: dict[str, dict[str, str]] = {}
         for hp_name, spec in (learnable or {}).items():
@@ -345,7 +149,6 @@ class MetaLightningModule(lightning.LightningModule):
             for name in objective.metric_names
             for when in ("pre", "post")
         })
-        self._vmapped = False
 
     # -- construction helpers -------------------------------------------------------------
     def _choose_batching(self, batch_tasks: BatchTasks) -> bool:
@@ -379,8 +182,8 @@ class MetaLightningModule(lightning.LightningModule):
             raise ValueError(f"adapt_params={pattern!r} matches none of the model's parameters {names}; fix the pattern")
         return chosen
 
-    def _read_inner_optimizer(self, inner_optim: OptimizerFactory) -> tuple[Rule, dict[str, Any], nn.ModuleDict | None]:
-        """Returns the inner rule, the optimizer's hyperparameters, and its transforms (TransformOptimizer only)."""
+    def _read_inner_optimizer(self, inner_optim: OptimizerFactory) -> tuple[Rule, dict[str, dict[str, Any]]]:
+        """Returns the inner rule (from the optimizer table) and each adapted parameter's hyperparameters."""
         params = dict(self.model.named_parameters())
         adapted = [params[n] for n in self.adapted_names]
         optimizer = inner_optim(adapted)
@@ -394,29 +197,28 @@ class MetaLightningModule(lightning.LightningModule):
                 f"inner_optim built {len(optimizer.param_groups)} param groups; give it one (per-parameter values "
                 "are learned hyperparameters: learnable={'lr': PerTensor()})"
             )
-        defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-        if isinstance(optimizer, TransformOptimizer):
-            transforms = nn.ModuleDict({
-                name.replace(".", "/"): transform for name, transform in zip(self.adapted_names, optimizer.transforms)
-            })
-            return RULES["transform"], defaults, transforms
         rule = get_rule(type(optimizer))
         if rule is None:
             raise ValueError(
                 f"{type(optimizer).__name__}'s differentiable version has no pure update rule, which the fast inner "
-                "loop needs; use a torch.optim optimizer or a TransformOptimizer"
+                "loop needs; register one with metaloop.optim.register_optim(optimizer_type, Rule(init=..., update=...))"
             )
-        return rule, defaults, None
+        hparams = per_parameter(optimizer.param_groups[0])
+        if rule.check is not None:
+            for hp in hparams:
+                rule.check(hp)
+        return rule, dict(zip(self.adapted_names, hparams))
 
     def _add_learned(self, hp_name: str, spec: Learned) -> None:
-        if hp_name not in self._inner_defaults:
-            known = sorted(k for k, v in self._inner_defaults.items() if _is_number_or_tuple(v))
+        defaults = self._inner_hparams[self.adapted_names[0]]
+        if hp_name not in defaults:
+            known = sorted(k for k, v in defaults.items() if is_number_or_tuple(v))
             raise ValueError(
                 f"learnable names {hp_name!r}, which is not a hyperparameter of the inner optimizer (it has {known}); "
                 "learn one of those, or pick an inner optimizer that has it (betas: adam, adamax, nadam, radam)"
             )
-        init = self._inner_defaults[hp_name] if spec.init is None else spec.init
-        if not _is_number_or_tuple(init):
+        init = defaults[hp_name] if spec.init is None else spec.init
+        if not is_number_or_tuple(init):
             raise ValueError(f"learnable {hp_name!r} starts at {init!r}; a learned hyperparameter must be a number or tuple of numbers")
         params = dict(self.model.named_parameters())
         keys: dict[str, str] = {}
@@ -434,15 +236,18 @@ class MetaLightningModule(lightning.LightningModule):
 
     # -- hyperparameters --------------------------------------------------------------------
     def inner_hparams(self) -> dict[str, dict[str, Any]]:
-        """Returns each adapted parameter's inner hyperparameters: the inner optimizer's, with learned values in."""
+        """Returns each adapted parameter's inner hyperparameters: the inner optimizer's, with learned values in.
+
+        Parameters without learned values share one mapping (so their steps can use foreach kernels).
+        """
         hparams = {}
         for name in self.adapted_names:
-            hp = dict(self._inner_defaults)
-            for hp_name, keys in self._learned_keys.items():
-                value = self.learned[keys[name]]
-                hp[hp_name] = tuple(value.unbind(0)) if isinstance(self._inner_defaults[hp_name], tuple) else value
-            if self.transforms is not None:
-                hp["transform"] = self.transforms[name.replace(".", "/")]
+            hp = self._inner_hparams[name]
+            if self._learned_keys:
+                hp = dict(hp)
+                for hp_name, keys in self._learned_keys.items():
+                    value = self.learned[keys[name]]
+                    hp[hp_name] = tuple(value.unbind(0)) if isinstance(hp[hp_name], tuple) else value
             hparams[name] = hp
         return hparams
 
@@ -490,7 +295,7 @@ class MetaLightningModule(lightning.LightningModule):
 
     def adapt(
         self, support: Batch, steps: int | None = None, *, n_ways: int | None = None, create_graph: bool = False
-    ) -> FunctionalModel:
+    ) -> AdaptedModel:
         """Returns the model adapted to one task's support set ``(x, y)``, as a callable ``fmodel(x)``.
 
         Args:
@@ -507,6 +312,12 @@ class MetaLightningModule(lightning.LightningModule):
         Raises:
             ValueError: for an ``n_ways`` the head cannot take (see :meth:`_initial_weights`).
         """
+        return self._adapt(support, steps, n_ways=n_ways, create_graph=create_graph, batched=False)
+
+    def _adapt(
+        self, support: Batch, steps: int | None, *, n_ways: int | None, create_graph: bool, batched: bool
+    ) -> AdaptedModel:
+        """:meth:`adapt`, also under :func:`torch.func.vmap` over tasks (``batched=True``)."""
         steps = self.eval_inner_steps if steps is None else steps
         with contextlib.ExitStack() as stack:
             if not create_graph:
@@ -514,22 +325,22 @@ class MetaLightningModule(lightning.LightningModule):
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.enable_grad())
             params, hparams = self._initial_weights(n_ways)
-            buffers = dict(self.model.named_buffers())
-            weights = adapt_weights(
-                _SupportLoss(self.model, self.inner_loss),
-                _prefixed(params),
-                support,
-                support[1],
-                loss_fn=_loss_is_output,
+            fixed = {n: p for n, p in params.items() if n not in hparams}
+
+            def support_loss(weights: dict[str, Tensor]) -> Tensor:
+                return self.inner_loss(AdaptedModel(self.model, {**fixed, **weights}), support)
+
+            adapted = inner_loop(
+                support_loss,
+                {n: params[n] for n in hparams},
                 rule=self.rule,
-                hparams=_prefixed(hparams),
+                hparams=hparams,
                 steps=steps,
-                buffers=_prefixed(buffers) or None,
                 first_order=self.first_order,
-                track_higher_grads=create_graph,
-                batched=self._vmapped,
+                create_graph=create_graph,
+                batched=batched,
             )
-        return FunctionalModel(self.model, {name[len("model."):]: w for name, w in weights.items()})
+        return AdaptedModel(self.model, {**fixed, **adapted})
 
     def _initial_weights(self, n_ways: int | None) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
         """Returns the weights and hyperparameters to adapt from, with the head resized to ``n_ways``."""
@@ -547,7 +358,7 @@ class MetaLightningModule(lightning.LightningModule):
                 "not adapt (adapt_params excludes it), so a new head would stay at zero; adapt the head or use "
                 f"n_ways={head.out_features}"
             )
-        if self.transforms is not None:
+        if any(isinstance(v, nn.Module) for n in head_names for v in hparams[n].values()):
             raise ValueError(
                 f"n_ways={n_ways} differs from the head's {head.out_features} outputs, and the learned transforms of "
                 f"the head are sized for {head.out_features}; evaluate {head.out_features}-way tasks or train with "
@@ -561,57 +372,73 @@ class MetaLightningModule(lightning.LightningModule):
             }
         return params, hparams
 
+    # -- tasks ------------------------------------------------------------------------------
+    def _over_tasks(self, fn: Callable[..., Any], batch: Task) -> Iterator[tuple[bool, Any]]:
+        """Yields ``(last, result)``: ``fn(*task, batched=...)`` over the meta-batch, with a leading task dimension.
+
+        The one place the meta-batch is either vmapped (one chunk holding every task: one
+        backward) or looped over (one chunk per task: the graph of one task at a time, and a
+        caller can backpropagate each chunk before the next is computed).
+        """
+        if self.batched:
+            yield True, torch.func.vmap(functools.partial(fn, batched=True))(*batch)
+            return
+        tasks = batch.support_x.shape[0]
+        for i in range(tasks):
+            result = fn(*(field[i] for field in batch), batched=False)
+            yield i == tasks - 1, _recursive_map(result, lambda t: t.unsqueeze(0))
+
     # -- training ---------------------------------------------------------------------------
-    def _task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _task_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *, batched: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns one task's outer loss and its (detached) query metrics after adaptation."""
-        fmodel = self.adapt((support_x, support_y), self.inner_steps, create_graph=True)
+        fmodel = self._adapt((support_x, support_y), self.inner_steps, n_ways=None, create_graph=True, batched=batched)
         loss = self.outer_loss(fmodel, (query_x, query_y))
         with torch.no_grad():
             metrics = self.task_metrics(fmodel, (query_x, query_y))
         return loss, metrics
 
-    @contextlib.contextmanager
-    def _vmap_tasks(self) -> Iterator[None]:
-        self._vmapped = True
-        try:
-            yield
-        finally:
-            self._vmapped = False
-
-    def _no_backward_sync(self) -> contextlib.AbstractContextManager[Any]:
+    def _backward(self, loss: Tensor, sync: bool) -> None:
+        """Backpropagates ``loss``; under DDP, all-reduces only if ``sync``. Outside a Trainer, plain ``backward``."""
+        if self._trainer is None:
+            loss.backward()
+            return
         strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
+        blocked = not sync and isinstance(strategy, ParallelStrategy)
+        with strategy.block_backward_sync() if blocked else contextlib.nullcontext():
+            self.manual_backward(loss)
+
+    def meta_gradient(self, batch: Task) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the meta-batch's mean query loss and mean query metrics, detached, after adding its
+        meta-gradient to the ``.grad`` of this module's parameters (what :meth:`training_step` steps on).
+
+        Task by task, each task's graph is freed by its backward before the next task is adapted
+        (memory of one task; under DDP only the last backward all-reduces); under vmap, one backward.
+        Works outside a Trainer too (benchmarks, notebooks).
+        """
+        tasks = batch.support_x.shape[0]
+        losses, per_chunk = [], []
+        for last, (chunk_losses, chunk_metrics) in self._over_tasks(self._task_loss, batch):
+            self._backward(chunk_losses.sum() / tasks, sync=last)
+            losses.append(chunk_losses.detach())
+            per_chunk.append(chunk_metrics)
+        metrics = {k: torch.cat([m[k] for m in per_chunk]).mean() for k in per_chunk[0]}
+        return torch.cat(losses).mean(), metrics
 
     def training_step(self, batch: Task, batch_idx: int) -> Tensor:
-        """Returns the mean query loss of the meta-batch, after one outer step on it."""
+        """Returns the mean query loss of the meta-batch, after one outer step on its :meth:`meta_gradient`."""
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        if self.batched:
-            with self._vmap_tasks():
-                losses, metrics = torch.func.vmap(self._task_loss)(*batch)
-            loss = losses.mean()
-            self.manual_backward(loss)
-            metrics = {k: v.mean() for k, v in metrics.items()}
-        else:
-            tasks = batch.support_x.shape[0]
-            losses, per_task = [], []
-            for i in range(tasks):
-                # one graph at a time; only the last backward all-reduces under DDP
-                with self._no_backward_sync() if i < tasks - 1 else contextlib.nullcontext():
-                    task_loss, task_metrics = self._task_loss(*(field[i] for field in batch))
-                    self.manual_backward(task_loss / tasks)
-                losses.append(task_loss.detach())
-                per_task.append(task_metrics)
-            loss = torch.stack(losses).mean()
-            metrics = {k: torch.stack([m[k] for m in per_task]).mean() for k in per_task[0]}
+        loss, metrics = self.meta_gradient(batch)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        metrics["loss"] = loss.detach()
+        metrics["loss"] = loss
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=True)
         self.log_dict({f"hp/{k}": v.detach().float().mean() for k, v in self.learned.items()})
-        return loss.detach()
+        return loss
 
     def configure_optimizers(self) -> Any:
         optimizer = self.outer_optim(self.parameters())
@@ -621,13 +448,13 @@ class MetaLightningModule(lightning.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def _evaluate_task(
-        self, n_ways: int | None, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+        self, n_ways: int | None, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *, batched: bool
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Returns one task's query metrics before and after adaptation."""
         params, _ = self._initial_weights(n_ways)
         with torch.no_grad():
-            before = self.task_metrics(FunctionalModel(self.model, params), (query_x, query_y))
-        fmodel = self.adapt((support_x, support_y), self.eval_inner_steps, n_ways=n_ways)
+            before = self.task_metrics(AdaptedModel(self.model, params), (query_x, query_y))
+        fmodel = self._adapt((support_x, support_y), self.eval_inner_steps, n_ways=n_ways, create_graph=False, batched=batched)
         with torch.no_grad():
             after = self.task_metrics(fmodel, (query_x, query_y))
         return before, after
@@ -637,13 +464,9 @@ class MetaLightningModule(lightning.LightningModule):
             # tensors made under inference mode cannot enter autograd; copies made outside it can
             batch = Task(*(field.clone() for field in batch))
         n_ways = self.objective.output_size(batch.support_y)
-        if self.batched:
-            with self._vmap_tasks():
-                before, after = torch.func.vmap(lambda *task: self._evaluate_task(n_ways, *task))(*batch)
-        else:
-            results = [self._evaluate_task(n_ways, *(field[i] for field in batch)) for i in range(batch.support_x.shape[0])]
-            before = {k: torch.stack([r[0][k] for r in results]) for k in results[0][0]}
-            after = {k: torch.stack([r[1][k] for r in results]) for k in results[0][1]}
+        chunks = [result for _, result in self._over_tasks(functools.partial(self._evaluate_task, n_ways), batch)]
+        before = {k: torch.cat([c[0][k] for c in chunks]) for k in chunks[0][0]}
+        after = {k: torch.cat([c[1][k] for c in chunks]) for k in chunks[0][1]}
         for when, metrics in (("pre", before), ("post", after)):
             for name, values in metrics.items():
                 key = f"{stage}_{name}_{when}"
@@ -690,7 +513,7 @@ class MetaLightningModule(lightning.LightningModule):
         params, _ = self._initial_weights(n_ways)
         with torch.no_grad():
             try:
-                output = FunctionalModel(self.model, params)(task.support_x)
+                output = AdaptedModel(self.model, params)(task.support_x)
             except (RuntimeError, ValueError, TypeError, IndexError) as err:
                 raise ValueError(
                     f"{type(self.model).__name__} cannot run on the task's support inputs of shape "
@@ -713,14 +536,6 @@ class MetaLightningModule(lightning.LightningModule):
     def setup(self, stage: str) -> None:
         """Checks the attached data module's tasks against the model before any step runs."""
         self.check_datamodule(self.trainer.datamodule, stage)
-
-
-def _is_number_or_tuple(value: Any) -> bool:
-    values = value if isinstance(value, tuple) else (value,)
-    return bool(values) and all(
-        (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, Tensor) and v.is_floating_point())
-        for v in values
-    )
 
 
 def _resize_rows(value: Tensor, shape: torch.Size, rows: int) -> Tensor:

@@ -1,50 +1,41 @@
 """Differentiable optimizers (higher's ``higher.optim`` API, plus AdamW, NAdam and RAdam).
 
-Pure update rules live in :mod:`metaloop.optim.rules`; the stateful, higher-compatible
-shells in :mod:`metaloop.optim.differentiable`; override handling in
-:mod:`metaloop.optim.hyperparams`.
+Pure update rules and the optimizer table live in :mod:`metaloop.optim.rules`; the stateful,
+higher-compatible shells in :mod:`metaloop.optim.differentiable`; override handling in
+:mod:`metaloop.optim.hyperparams`; the fast inner loop in :mod:`metaloop.optim.loop`.
 """
 
 from __future__ import annotations
 
+from metaloop.optim import differentiable
 from metaloop.optim.differentiable import (
-    DifferentiableAdadelta,
-    DifferentiableAdagrad,
-    DifferentiableAdam,
-    DifferentiableAdamax,
-    DifferentiableAdamW,
-    DifferentiableASGD,
-    DifferentiableNAdam,
     DifferentiableOptimizer,
-    DifferentiableRAdam,
-    DifferentiableRMSprop,
-    DifferentiableRprop,
-    DifferentiableSGD,
+    _add,
+    _addcdiv,
+    _addcmul,
     _get_mask_closure,
+    _GradCallbackType,
     _GradClosureType,
+    _GroupedGradsType,
     _maybe_mask,
     _OverrideType,
     create_diff_optim,
+    differentiable_version,
     get_diff_optim,
     get_rule,
     register_optim,
 )
 from metaloop.optim.hyperparams import apply_trainable_opt_params, get_trainable_opt_params
-from metaloop.optim.rules import RULES, Rule, safe_sqrt
+from metaloop.optim.rules import OPTIMIZERS, TRANSFORM, Rule, apply_rule, safe_sqrt
+
+# The higher-named shells, one per row of the optimizer table: DifferentiableSGD, DifferentiableAdam, ...
+_SHELL_NAMES = [name for name in differentiable.__all__ if name.startswith("Differentiable") and name != "DifferentiableOptimizer"]
+globals().update({name: getattr(differentiable, name) for name in _SHELL_NAMES})
 
 __all__ = [
     "DifferentiableOptimizer",
-    "DifferentiableSGD",
-    "DifferentiableAdam",
-    "DifferentiableAdamW",
-    "DifferentiableAdamax",
-    "DifferentiableAdadelta",
-    "DifferentiableAdagrad",
-    "DifferentiableASGD",
-    "DifferentiableRMSprop",
-    "DifferentiableRprop",
-    "DifferentiableNAdam",
-    "DifferentiableRAdam",
+    *_SHELL_NAMES,
+    "differentiable_version",
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
@@ -52,6 +43,8 @@ __all__ = [
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
     "Rule",
-    "RULES",
+    "OPTIMIZERS",
+    "TRANSFORM",
+    "apply_rule",
     "safe_sqrt",
 ]

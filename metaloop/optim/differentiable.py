@@ -5,9 +5,10 @@ its param groups, hyperparameters and state (moments, step counts, momentum buff
 unrolled loop continues where real training is. ``step(loss)`` returns new fast weights that
 carry a graph back to the old ones and to any hyperparameter given as a tensor.
 
-The table :data:`_OPTIM_TABLE` maps each ``torch.optim`` type to its differentiable version;
-:func:`register_optim` extends it. A new differentiable optimizer either names a
-:class:`~metaloop.optim.rules.Rule` (``rule = ...``) or, as in higher, overrides
+The shells with higher's names (``DifferentiableSGD``, ``DifferentiableAdam``, ...) are made
+from the optimizer table :data:`metaloop.optim.rules.OPTIMIZERS` (``torch.optim`` type ->
+rule): one per row, named ``"Differentiable" + type name``. :func:`register_optim` adds a row
+(a :class:`~metaloop.optim.rules.Rule`), or, as in higher, a shell class that overrides
 ``_update(grouped_grads)`` to write new fast weights into ``self.param_groups[g]["params"]``.
 """
 
@@ -18,33 +19,18 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from metaloop.optim import rules
-from metaloop.optim.hyperparams import Override, merge_override
+from metaloop.optim.hyperparams import Override, merge_override, per_parameter
+from metaloop.optim.rules import OPTIMIZERS, Rule, apply_rule
 from metaloop.utils import _recursive_map
 
-__all__ = [
-    "DifferentiableOptimizer",
-    "DifferentiableSGD",
-    "DifferentiableAdam",
-    "DifferentiableAdamW",
-    "DifferentiableAdamax",
-    "DifferentiableAdadelta",
-    "DifferentiableAdagrad",
-    "DifferentiableASGD",
-    "DifferentiableRMSprop",
-    "DifferentiableRprop",
-    "DifferentiableNAdam",
-    "DifferentiableRAdam",
-    "get_diff_optim",
-    "create_diff_optim",
-    "register_optim",
-    "get_rule",
-]
-
 Device = torch.device | str | None
-GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
+_GradCallbackType = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
+_GroupedGradsType = list[list[Tensor | None]]
 _GradClosureType = Callable[[Tensor], Tensor]
 _OverrideType = dict[str, list[Any]]
+
+_CONSTRUCTOR_ARGS = ("other", "reference_params", "fmodel", "device", "override", "grad_callback", "track_higher_grads")
+_STEP_ARGS = ("loss", "params", "override", "grad_callback")
 
 
 def _import_state_value(key: str, value: Any, scalar_keys: tuple[str, ...], device: Device) -> Any:
@@ -55,6 +41,11 @@ def _import_state_value(key: str, value: Any, scalar_keys: tuple[str, ...], devi
     if isinstance(value, Tensor):
         return value.detach().clone().to(device)
     return value
+
+
+def _unknown_options(what: str, given: Iterable[str], accepted: Sequence[str]) -> TypeError:
+    unknown = ", ".join(repr(k) for k in sorted(given))
+    return TypeError(f"{what} got unknown option(s) {unknown}; it accepts {', '.join(accepted)}")
 
 
 class DifferentiableOptimizer:
@@ -71,10 +62,15 @@ class DifferentiableOptimizer:
         grad_callback: ``f(grads) -> grads`` applied to the gradients, in reference order.
         track_higher_grads: if False, the loop runs without a graph (test mode): memory
             stays flat however many steps are taken.
-        **kwargs: options of a particular optimizer (e.g. Rprop's ``smooth_sign``).
+        **options: the rule's own options (:attr:`Rule.options`, e.g. Rprop's ``smooth_sign``),
+            written into every param group.
+
+    Raises:
+        TypeError: for an option the rule does not read (naming it and the accepted ones).
+        ValueError: for hyperparameters the rule cannot use (:attr:`Rule.check`).
     """
 
-    rule: ClassVar[rules.Rule | None] = None
+    rule: ClassVar[Rule | None] = None
 
     def __init__(
         self,
@@ -83,12 +79,16 @@ class DifferentiableOptimizer:
         fmodel: Any = None,
         device: Device = None,
         override: Override | None = None,
-        grad_callback: GradCallback | None = None,
+        grad_callback: _GradCallbackType | None = None,
         track_higher_grads: bool = True,
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
         if not isinstance(other, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer to branch from, got {type(other).__name__}")
+        accepted = self.rule.options if self.rule is not None else ()
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise _unknown_options(type(self).__name__, unknown, (*_CONSTRUCTOR_ARGS, *accepted))
         reference = list(reference_params)
         position = {id(p): i for i, p in enumerate(reference)}
         scalar_keys = self.rule.scalar_state if self.rule is not None else ("step",)
@@ -106,9 +106,9 @@ class DifferentiableOptimizer:
                     )
                 indices.append(position[id(p)])
             self._group_to_param_list.append(indices)
-            hyper = {k: v for k, v in group.items() if k != "params"}
-            hyper.update(kwargs)
-            self.param_groups.append({**hyper, "params": [reference[i] for i in indices]})
+            hparams = {k: v for k, v in group.items() if k != "params"}
+            hparams.update(options)
+            self.param_groups.append({**hparams, "params": [reference[i] for i in indices]})
             self.state.append([
                 {k: _import_state_value(k, v, scalar_keys, device) for k, v in other.state.get(p, {}).items()}
                 for p in group["params"]
@@ -118,13 +118,16 @@ class DifferentiableOptimizer:
         self._device = device
         self._grad_callback = grad_callback
         self._track_higher_grads = track_higher_grads
-        merge_override(self.param_groups, override)
-        self._per_param_keys = self._find_per_param_keys()
+        self._apply_override(override)
         self._tracked = sorted({i for indices in self._group_to_param_list for i in indices})
 
-    def _find_per_param_keys(self) -> list[list[str]]:
-        """Returns, per group, the hyperparameters given as one value per parameter (lists)."""
-        return [[k for k, v in g.items() if k != "params" and isinstance(v, list)] for g in self.param_groups]
+    def _apply_override(self, override: Override | None) -> None:
+        """Merges ``override`` into the param groups (higher's method; see :mod:`metaloop.optim.hyperparams`)."""
+        merge_override(self.param_groups, override)
+        if self.rule is not None and self.rule.check is not None:
+            for group in self.param_groups:
+                for hparams in per_parameter(group):
+                    self.rule.check(hparams)
 
     @property
     def track_higher_grads(self) -> bool:
@@ -160,18 +163,23 @@ class DifferentiableOptimizer:
         loss: Tensor,
         params: Iterable[Tensor] | None = None,
         override: Override | None = None,
-        grad_callback: GradCallback | None = None,
+        grad_callback: _GradCallbackType | None = None,
         **kwargs: Any,
     ) -> list[Tensor]:
         """Returns the fast weights after one update on ``loss`` (and records them in ``fmodel``).
 
         ``override`` is merged into the param groups and stays in effect for later steps,
-        as in higher; ``grad_callback`` replaces the constructor's for this step.
+        as in higher; ``grad_callback`` replaces the constructor's for this step. ``**kwargs``
+        go to ``_update``; the rule-based ``_update`` takes none.
+
+        Raises:
+            TypeError: for keyword arguments that no ``_update`` reads.
         """
+        if kwargs and type(self)._update is DifferentiableOptimizer._update:
+            raise _unknown_options("step()", kwargs, _STEP_ARGS)
         params = self._resolve_params(params)
         if override is not None:
-            merge_override(self.param_groups, override)
-            self._per_param_keys = self._find_per_param_keys()
+            self._apply_override(override)
         wrt = [i for i in self._tracked if params[i].requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if wrt and not loss.requires_grad:
@@ -213,135 +221,94 @@ class DifferentiableOptimizer:
             self._fmodel._record(new_params, check=self.rule is None)
         return new_params
 
-    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
-        """Writes the new fast weights into ``self.param_groups[g]["params"]`` using ``self.rule``."""
+    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
+        """Writes the new fast weights into ``self.param_groups[g]["params"]``: one :func:`~metaloop.optim.rules.apply_rule` step."""
         rule = self.rule
         if rule is None:
             raise TypeError(
                 f"{type(self).__name__} defines neither a rule nor _update(); subclass "
-                "DifferentiableOptimizer with `rule = Rule(init, update)` or override _update"
+                "DifferentiableOptimizer with `rule = Rule(init=..., update=...)` or override _update"
             )
-        for group, grads, states, per_param in zip(self.param_groups, grouped_grads, self.state, self._per_param_keys):
-            params = group["params"]
-            active = [i for i, grad in enumerate(grads) if grad is not None]
-            for i in active:
-                if not states[i]:
-                    states[i] = rule.init(params[i], {**group, **{k: group[k][i] for k in per_param}})
-            if per_param:
-                for i in active:
-                    hp = {**group, **{k: group[k][i] for k in per_param}}
-                    params[i], states[i] = rule.update(params[i], grads[i], states[i], hp)
-                continue
-            new_params, new_states = rules.apply_rule(
-                rule, [params[i] for i in active], [grads[i] for i in active], [states[i] for i in active], group
-            )
-            for i, p, s in zip(active, new_params, new_states):
-                params[i], states[i] = p, s
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [g for group_grads in grouped_grads for g in group_grads]
+        states = [s for group_states in self.state for s in group_states]
+        hparams = [hp for group in self.param_groups for hp in per_parameter(group)]
+        new_params, new_states = apply_rule(rule, params, grads, states, hparams)
+        start = 0
+        for group, group_states in zip(self.param_groups, self.state):
+            end = start + len(group["params"])
+            group["params"] = new_params[start:end]
+            group_states[:] = [s if s is not None else {} for s in new_states[start:end]]
+            start = end
 
 
-class DifferentiableSGD(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.SGD``."""
-
-    rule = rules.SGD
+def _first_paragraph(text: str | None) -> str:
+    return " ".join((text or "").strip().split("\n\n")[0].split())
 
 
-class DifferentiableAdam(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.Adam``."""
-
-    rule = rules.ADAM
-
-
-class DifferentiableAdamW(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.AdamW``."""
-
-    rule = rules.ADAM
+def _shell(optim_type: type, rule: Rule) -> type[DifferentiableOptimizer]:
+    """Returns the shell class ``Differentiable<Name>`` of a table row."""
+    name = optim_type.__name__
+    public = f"torch.optim.{name}" if getattr(torch.optim, name, None) is optim_type else f"{optim_type.__module__}.{name}"
+    doc = f"A differentiable version of ``{public}``: {_first_paragraph(rule.update.__doc__)}"
+    if rule.options:
+        doc += f"\n\nOptions beyond ``{public}``'s: {', '.join(rule.options)} (see the rule)."
+    return type(f"Differentiable{name}", (DifferentiableOptimizer,), {"rule": rule, "__doc__": doc, "__module__": __name__})
 
 
-class DifferentiableAdamax(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.Adamax``."""
+_CUSTOM_SHELLS: dict[type, type[DifferentiableOptimizer]] = {}  # higher-style classes given to register_optim
+_SHELLS: dict[type, type[DifferentiableOptimizer]] = {t: _shell(t, rule) for t, rule in OPTIMIZERS.items()}
+globals().update({shell.__name__: shell for shell in _SHELLS.values()})  # DifferentiableSGD, DifferentiableAdam, ...
 
-    rule = rules.ADAMAX
-
-
-class DifferentiableAdadelta(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.Adadelta``."""
-
-    rule = rules.ADADELTA
-
-
-class DifferentiableAdagrad(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.Adagrad``."""
-
-    rule = rules.ADAGRAD
+__all__ = [
+    "DifferentiableOptimizer",
+    *(shell.__name__ for shell in _SHELLS.values()),
+    "differentiable_version",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "get_rule",
+]
 
 
-class DifferentiableASGD(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.ASGD``."""
+def register_optim(optim_type: type, diff_optim_type: type[DifferentiableOptimizer] | Rule) -> None:
+    """Registers the differentiable version of ``optim_type``: a rule (a new table row) or a shell class.
 
-    rule = rules.ASGD
-
-
-class DifferentiableRMSprop(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.RMSprop`` (correct second-order gradients)."""
-
-    rule = rules.RMSPROP
-
-
-class DifferentiableRprop(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.Rprop``.
-
-    The exact hypergradient through the sign of the gradient is zero. Pass
-    ``smooth_sign=tau`` (> 0) to use ``tanh(g / tau)`` instead: a smooth relaxation.
+    A :class:`~metaloop.optim.rules.Rule` also serves the Lightning module's fast loop; a
+    higher-style class overriding ``_update`` serves ``innerloop_ctx`` only.
     """
-
-    rule = rules.RPROP
-
-    def __init__(self, *args: Any, smooth_sign: float | Tensor = 0.0, **kwargs: Any) -> None:
-        if not isinstance(smooth_sign, Tensor) and smooth_sign < 0:
-            raise ValueError(f"smooth_sign={smooth_sign} must be >= 0 (0 keeps the exact sign)")
-        super().__init__(*args, smooth_sign=smooth_sign, **kwargs)
-
-
-class DifferentiableNAdam(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.NAdam``."""
-
-    rule = rules.NADAM
-
-
-class DifferentiableRAdam(DifferentiableOptimizer):
-    """A differentiable version of ``torch.optim.RAdam``."""
-
-    rule = rules.RADAM
-
-
-_OPTIM_TABLE: dict[type, type[DifferentiableOptimizer]] = {
-    torch.optim.SGD: DifferentiableSGD,
-    torch.optim.Adam: DifferentiableAdam,
-    torch.optim.AdamW: DifferentiableAdamW,
-    torch.optim.Adamax: DifferentiableAdamax,
-    torch.optim.Adadelta: DifferentiableAdadelta,
-    torch.optim.Adagrad: DifferentiableAdagrad,
-    torch.optim.ASGD: DifferentiableASGD,
-    torch.optim.RMSprop: DifferentiableRMSprop,
-    torch.optim.Rprop: DifferentiableRprop,
-    torch.optim.NAdam: DifferentiableNAdam,
-    torch.optim.RAdam: DifferentiableRAdam,
-}
-
-
-def register_optim(optim_type: type, diff_optim_type: type[DifferentiableOptimizer]) -> None:
-    """Registers ``diff_optim_type`` as the differentiable version of ``optim_type``."""
     if not (isinstance(optim_type, type) and issubclass(optim_type, torch.optim.Optimizer)):
         raise TypeError(f"optim_type must be a torch.optim.Optimizer subclass, got {optim_type!r}")
+    if isinstance(diff_optim_type, Rule):
+        OPTIMIZERS[optim_type] = diff_optim_type
+        _CUSTOM_SHELLS.pop(optim_type, None)
+        return
     if not (isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)):
-        raise TypeError(f"diff_optim_type must be a DifferentiableOptimizer subclass, got {diff_optim_type!r}")
-    _OPTIM_TABLE[optim_type] = diff_optim_type
+        raise TypeError(
+            f"diff_optim_type must be a DifferentiableOptimizer subclass or a Rule, got {diff_optim_type!r}"
+        )
+    _CUSTOM_SHELLS[optim_type] = diff_optim_type
+    if diff_optim_type.rule is not None:
+        OPTIMIZERS[optim_type] = diff_optim_type.rule
+    else:
+        OPTIMIZERS.pop(optim_type, None)
 
 
-def _lookup(optim_type: type) -> type[DifferentiableOptimizer]:
-    if optim_type in _OPTIM_TABLE:
-        return _OPTIM_TABLE[optim_type]
-    supported = ", ".join(sorted(t.__name__ for t in _OPTIM_TABLE))
+def differentiable_version(optim_type: type) -> type[DifferentiableOptimizer]:
+    """Returns the shell class for ``optim_type``: a registered class, or the one made from its table row.
+
+    Raises:
+        ValueError: for a type without a differentiable version, listing the supported ones.
+    """
+    if optim_type in _CUSTOM_SHELLS:
+        return _CUSTOM_SHELLS[optim_type]
+    rule = OPTIMIZERS.get(optim_type)
+    if rule is not None:
+        shell = _SHELLS.get(optim_type)
+        if shell is None or shell.rule is not rule:
+            shell = _SHELLS[optim_type] = _shell(optim_type, rule)
+        return shell
+    supported = ", ".join(sorted({t.__name__ for t in (*OPTIMIZERS, *_CUSTOM_SHELLS)}))
     if optim_type is torch.optim.SparseAdam:
         raise ValueError(
             "SparseAdam works on sparse gradients, which differentiable optimizers do not support; "
@@ -349,13 +316,13 @@ def _lookup(optim_type: type) -> type[DifferentiableOptimizer]:
         )
     raise ValueError(
         f"no differentiable version of {getattr(optim_type, '__name__', optim_type)}; supported: "
-        f"{supported}. Add one with metaloop.optim.register_optim(YourOptimizer, YourDifferentiableOptimizer)"
+        f"{supported}. Add one with metaloop.optim.register_optim(YourOptimizer, Rule(init=..., update=...))"
     )
 
 
-def get_rule(optim_type: type) -> rules.Rule | None:
+def get_rule(optim_type: type) -> Rule | None:
     """Returns the pure update rule of ``optim_type``'s differentiable version (None for an ``_update`` override)."""
-    return _lookup(optim_type).rule
+    return differentiable_version(optim_type).rule
 
 
 def get_diff_optim(
@@ -370,7 +337,7 @@ def get_diff_optim(
     """Returns a differentiable optimizer branching from ``opt`` (its state included)."""
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(opt).__name__}")
-    diff_type = _lookup(type(opt))
+    diff_type = differentiable_version(type(opt))
     return diff_type(
         opt, reference_params, fmodel=fmodel, device=device, override=override,
         track_higher_grads=track_higher_grads, **kwargs,
@@ -393,7 +360,7 @@ def create_diff_optim(
     their shapes only; without them, ``fmodel.fast_params`` is used. ``step`` then takes fast
     weights in the order they were given (groups concatenated).
     """
-    _lookup(opt_type)
+    differentiable_version(opt_type)
     if params is None:
         if fmodel is None or fmodel.fast_params is None:
             raise ValueError("create_diff_optim needs params= or an fmodel holding fast weights")
@@ -417,6 +384,21 @@ def create_diff_optim(
     opt = opt_type(spec, **dict(opt_kwargs or {}))
     return get_diff_optim(opt, reference, fmodel=fmodel, device=device, override=override,
                           track_higher_grads=track_higher_grads, **kwargs)
+
+
+def _add(tensor: Tensor, a1: float | int | Tensor, a2: Tensor | None = None) -> Tensor:
+    """Returns ``tensor + a1`` or, given ``a2``, ``tensor + a1 * a2``, out of place (higher's helper)."""
+    return tensor + a1 if a2 is None else tensor + a1 * a2
+
+
+def _addcdiv(tensor: Tensor, a1: float | int | Tensor, a2: Tensor, a3: Tensor | None = None) -> Tensor:
+    """Returns ``tensor + a1 / a2`` or, given ``a3``, ``tensor + a1 * (a2 / a3)``, out of place (higher's helper)."""
+    return tensor + a1 / a2 if a3 is None else tensor + a1 * (a2 / a3)
+
+
+def _addcmul(tensor: Tensor, a1: float | int | Tensor, a2: Tensor, a3: Tensor | None = None) -> Tensor:
+    """Returns ``tensor + a1 * a2`` or, given ``a3``, ``tensor + a1 * a2 * a3``, out of place (higher's helper)."""
+    return tensor + a1 * a2 if a3 is None else tensor + a1 * a2 * a3
 
 
 def _get_mask_closure(mask: Tensor) -> _GradClosureType:

@@ -22,12 +22,13 @@ __all__ = [
     "hyperparameter_names",
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
+    "per_parameter",
 ]
 
 Override = Mapping[str, Any]
 
 # Group entries that are options of the implementation, not hyperparameters of the maths.
-_NOT_HYPERPARAMETERS = frozenset({"params", "foreach", "fused", "capturable", "differentiable", "name"})
+_NOT_HYPERPARAMETERS = frozenset({"params", "param_names", "foreach", "fused", "capturable", "differentiable", "name"})
 
 
 def _per_group(key: str, value: Any, n_groups: int) -> list[Any]:
@@ -100,18 +101,46 @@ def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | 
 
 
 def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Override) -> None:
-    """Writes learned hyperparameters back into ``opt``'s param groups (in place).
+    """Writes learned hyperparameters back into ``opt``'s param groups (in place), keeping each value's type.
 
-    Scalar tensors become Python floats; other tensors (per-parameter values) are stored
-    detached.
+    As in higher, a tensor replacing a Python number becomes a number of that number's type
+    (Adam's ``weight_decay=0`` stays an int), except that a non-integral value replacing an int
+    becomes a float rather than being truncated (a learned momentum of 0.9 stays 0.9); one
+    replacing a tensor is stored detached; tuples (``betas``) are handled element by element.
     """
+    check_override(override, opt.param_groups)
+    for key, value in override.items():
+        for group, v in zip(opt.param_groups, _per_group(key, value, len(opt.param_groups))):
+            group[key] = _like(v, group[key])
 
-    def to_value(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.item() if x.numel() == 1 and x.dim() == 0 else x.detach().clone()
-        return x
 
-    merge_override(opt.param_groups, {k: _recursive_map(v, to_value) for k, v in override.items()})
+def _like(value: Any, current: Any) -> Any:
+    """Returns ``value`` (a learned tensor, or a tuple/list of them) as a value of ``current``'s type."""
+    if isinstance(value, (tuple, list)):
+        same_shape = isinstance(current, (tuple, list)) and len(current) == len(value)
+        currents = current if same_shape else [current] * len(value)  # per-parameter values of a number
+        return type(current if same_shape else value)(_like(v, c) for v, c in zip(value, currents))
+    if not isinstance(value, torch.Tensor):
+        return value
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and value.numel() == 1:
+        number = float(value.item())
+        return int(number) if isinstance(current, int) and number.is_integer() else number
+    return value.detach().clone()
+
+
+def per_parameter(group: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Returns one hyperparameter mapping per parameter of param group ``group``.
+
+    Entries given as lists (one value per parameter: Meta-SGD's learning rates, learned
+    transforms) are split; the others are shared. Without list entries every parameter gets the
+    same mapping object. Options of the implementation (``foreach``, ``fused``, ...) are left out.
+    """
+    n = len(group["params"])
+    shared = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS and not isinstance(v, list)}
+    lists = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS and isinstance(v, list)}
+    if not lists:
+        return [shared] * n
+    return [{**shared, **{k: v[i] for k, v in lists.items()}} for i in range(n)]
 
 
 def hyperparameter_names(groups: Iterable[Mapping[str, Any]]) -> list[str]:

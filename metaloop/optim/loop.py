@@ -1,106 +1,99 @@
-"""The fast inner loop: adapt a module's weights on a support set with a pure rule.
+"""The fast inner loop: adapt a dict of weights by descending a loss of those weights with a pure rule.
 
 This is the path :class:`~metaloop.lightning.MetaLightningModule` uses. Unlike the
-higher-compatible shells it keeps no history and no Python object per step: weights are a
-``dict`` of tensors handed to :func:`torch.func.functional_call`, and each update is a
-:class:`~metaloop.optim.rules.Rule`. The same function runs task by task (gradients by
-:func:`torch.autograd.grad`) or for a whole meta-batch at once under :func:`torch.func.vmap`
-(gradients by :func:`torch.func.grad`), which is several times faster for small models.
+higher-compatible shells it keeps no history and no Python object per step, but each step is
+the same :func:`~metaloop.optim.rules.apply_rule` call, so both paths give the same numbers.
+The loop runs task by task (gradients by :func:`torch.autograd.grad`) or for a whole
+meta-batch at once under :func:`torch.func.vmap` (gradients by :func:`torch.func.grad`), which
+is several times faster for small models.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from metaloop.optim.rules import Rule, apply_rule
+from metaloop.optim.rules import HParams, Rule, apply_rule
 
-__all__ = ["adapt", "vmap_problems"]
+__all__ = ["inner_loop", "vmap_problems"]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+WeightsLoss = Callable[[dict[str, Tensor]], Tensor]
 
 
-def adapt(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
+def inner_loop(
+    loss: WeightsLoss,
+    weights: Mapping[str, Tensor],
     *,
-    loss_fn: LossFn,
     rule: Rule,
-    hparams: Mapping[str, Mapping[str, Any]],
+    hparams: Mapping[str, HParams],
     steps: int,
-    buffers: Mapping[str, Tensor] | None = None,
     first_order: bool = False,
-    track_higher_grads: bool = True,
+    create_graph: bool = True,
     batched: bool = False,
 ) -> dict[str, Tensor]:
-    """Returns ``params`` after ``steps`` updates of ``rule`` on ``loss_fn(model(x), y)``.
+    """Returns ``weights`` after ``steps`` updates of ``rule`` descending ``loss(weights)``.
 
     Args:
-        params: every parameter of ``model`` by name; only those named in ``hparams``
-            adapt, the others are used as they are (ANIL adapts the head only).
-        hparams: for each adapted parameter, its hyperparameters (values may be tensors
-            that require grad: learned learning rates, Meta-SGD's per-element rates).
-        buffers: the module's buffers by name (BatchNorm statistics), updated in place in
-            train mode; not supported with ``batched=True`` (see :func:`vmap_problems`).
+        loss: the loss as a function of a dict of the current weights (e.g. a model run with
+            :func:`torch.func.functional_call` on a task's support set).
+        weights: the tensors to adapt, by name. As in ``torch.optim``, a weight that does not
+            require grad is frozen, and one the loss does not use gets no gradient: neither
+            moves, and its optimizer state is not advanced (momentum, moments, decay).
+        hparams: each weight's hyperparameters (values may be tensors that require grad:
+            learned learning rates, Meta-SGD's per-element rates, learned transforms).
         first_order: drop second-order terms (FOMAML): gradients are detached, so the outer
             gradient is the query gradient at the adapted weights.
-        track_higher_grads: False adapts without any graph (evaluation); the result is
-            detached and memory stays flat in ``steps``.
-        batched: True when called under :func:`torch.func.vmap` over tasks.
+        create_graph: keep the graph back to the initial weights and hyperparameters; False
+            adapts without one (evaluation): results are detached, memory stays flat in ``steps``.
+        batched: True when called under :func:`torch.func.vmap` over tasks. Under vmap a weight
+            the loss does not use gets a zero gradient rather than none (:func:`torch.func.grad`
+            cannot tell them apart), and the caller checks the model with :func:`vmap_problems`.
+
+    Raises:
+        ValueError: for negative ``steps`` or ``hparams`` that do not name exactly the weights.
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0")
-    names = list(hparams)
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"hparams name parameters {missing} that are not among the model's {sorted(params)}")
-    if batched:
-        problems = vmap_problems(model, second_order=track_higher_grads and not first_order)
-        if problems:
-            raise ValueError(f"cannot adapt {type(model).__name__} under vmap: {'; '.join(problems)}; adapt task by task")
-    fixed = {n: p for n, p in params.items() if n not in hparams}
-    if buffers:
-        fixed.update(buffers)
-    fast = {n: params[n] for n in names}
-    state = {n: rule.init(fast[n], hparams[n]) for n in names}
-    create_graph = track_higher_grads and not first_order
-    # Parameters sharing one hyperparameter dict are updated together (foreach kernels).
-    by_hparams: dict[int, list[str]] = {}
-    for n in names:
-        by_hparams.setdefault(id(hparams[n]), []).append(n)
-    groups = list(by_hparams.values())
-
-    def support_loss(weights: dict[str, Tensor]) -> Tensor:
-        return loss_fn(functional_call(model, {**fixed, **weights}, (x,)), y)
-
+    names = list(weights)
+    if set(hparams) != set(names):
+        missing, extra = sorted(set(names) - set(hparams)), sorted(set(hparams) - set(names))
+        raise ValueError(
+            f"hparams must name exactly the weights; missing {missing}, not among the weights {extra}"
+        )
+    trainable = [n for n in names if weights[n].requires_grad]
+    per_weight = [hparams[n] for n in names]
+    fast = dict(weights)
+    states: list = [None] * len(names)
     for _ in range(steps):
         if batched:
-            grads = torch.func.grad(support_loss)(fast)
-            if not create_graph:
-                grads = {n: g.detach() for n, g in grads.items()}
+            grads = _vmapped_grads(loss, fast, trainable, create_graph and not first_order)
         else:
-            wrt = [fast[n] for n in names]
-            if not all(w.requires_grad for w in wrt):
-                wrt = [w if w.requires_grad else w.detach().requires_grad_() for w in wrt]
-                fast = dict(zip(names, wrt))
-            computed = torch.autograd.grad(support_loss(fast), wrt, create_graph=create_graph, allow_unused=True)
-            grads = {n: torch.zeros_like(w) if g is None else g for n, w, g in zip(names, wrt, computed)}
-        for group in groups:
-            hp = hparams[group[0]]
-            new_fast, new_state = apply_rule(
-                rule, [fast[n] for n in group], [grads[n] for n in group], [state[n] for n in group], hp,
-                foreach=not batched,
-            )
-            fast.update(zip(group, new_fast))
-            state.update(zip(group, new_state))
-        if not track_higher_grads:
+            grads = _grads(loss, fast, trainable, create_graph and not first_order)
+        new, states = apply_rule(rule, [fast[n] for n in names], [grads.get(n) for n in names], states, per_weight,
+                                 foreach=not batched)
+        fast = dict(zip(names, new))
+        if not create_graph:
             fast = {n: w.detach() for n, w in fast.items()}
-    return {**{n: p for n, p in params.items() if n not in hparams}, **fast}
+    return fast
+
+
+def _grads(loss: WeightsLoss, fast: dict[str, Tensor], trainable: list[str], create_graph: bool) -> dict[str, Tensor | None]:
+    """Returns the gradient of ``loss`` for each trainable weight (None where the loss does not use it)."""
+    wrt = [fast[n] if fast[n].requires_grad else fast[n].detach().requires_grad_() for n in trainable]
+    fast.update(zip(trainable, wrt))
+    value = loss(fast)
+    if not wrt or not value.requires_grad:
+        return {}
+    return dict(zip(trainable, torch.autograd.grad(value, wrt, create_graph=create_graph, allow_unused=True)))
+
+
+def _vmapped_grads(loss: WeightsLoss, fast: dict[str, Tensor], trainable: list[str], create_graph: bool) -> dict[str, Tensor]:
+    """Returns :func:`torch.func.grad` of ``loss`` for each trainable weight (under vmap)."""
+    frozen = {n: w for n, w in fast.items() if n not in trainable}
+    grads = torch.func.grad(lambda ws: loss({**frozen, **ws}))({n: fast[n] for n in trainable})
+    return grads if create_graph else {n: g.detach() for n, g in grads.items()}
 
 
 def vmap_problems(model: nn.Module, second_order: bool = True) -> list[str]:

@@ -6,7 +6,7 @@
   differentiable twin, registered with :func:`metaloop.optim.register_optim` on import, so
   ``metaloop.innerloop_ctx`` unrolls a learned preconditioner like any other optimizer.
 - :mod:`~metaloop.transforms.learnable_optimizer`: learn2learn's ``LearnableOptimizer``,
-  ``ParameterUpdate`` and ``DifferentiableSGD`` for ordinary modules.
+  ``ParameterUpdate`` and ``ModuleSGD`` (learn2learn's ``DifferentiableSGD``) for ordinary modules.
 - :mod:`~metaloop.transforms.module_updates`: ``clone_module``, ``update_module``,
   ``detach_module``.
 
@@ -25,7 +25,7 @@ from metaloop.transforms.gradient_transforms import (
     apply_transform,
     build_transforms,
 )
-from metaloop.transforms.learnable_optimizer import DifferentiableSGD, LearnableOptimizer, ParameterUpdate
+from metaloop.transforms.learnable_optimizer import LearnableOptimizer, ModuleSGD, ParameterUpdate
 from metaloop.transforms.module_updates import clone_module, detach_module, update_module
 from metaloop.transforms.transform_optimizer import (
     DifferentiableTransformOptimizer,
@@ -46,7 +46,7 @@ __all__ = [
     "DifferentiableTransformOptimizer",
     "LearnableOptimizer",
     "ParameterUpdate",
-    "DifferentiableSGD",
+    "ModuleSGD",
     "clone_module",
     "update_module",
     "detach_module",

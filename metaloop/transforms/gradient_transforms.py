@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.nn.kronecker import KroneckerLinear, kronecker_matvec
+from metaloop.optim.rules import apply_transform
 
 __all__ = [
     "TransformFactory",
@@ -32,22 +33,6 @@ __all__ = [
 ]
 
 TransformFactory = Callable[[Tensor], nn.Module | None]
-
-
-def apply_transform(transform: Callable[[Tensor], Tensor], grad: Tensor, name: str = "the parameter") -> Tensor:
-    """Returns ``transform(grad)``, checked to be a tensor shaped like ``grad``.
-
-    Raises:
-        ValueError: naming ``name`` and both shapes, if the transform returns anything else.
-    """
-    update = transform(grad)
-    if not isinstance(update, Tensor) or update.shape != grad.shape:
-        got = tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__
-        raise ValueError(
-            f"the transform of {name} ({type(transform).__name__}) returned {got} for a gradient of shape "
-            f"{tuple(grad.shape)}; a transform must return an update shaped like its gradient"
-        )
-    return update
 
 
 def build_transforms(factory: TransformFactory, named_params: Iterable[tuple[str, Tensor]]) -> nn.ModuleList:

@@ -3,7 +3,7 @@
 :class:`LearnableOptimizer` trains a model with updates produced by a trainable transform
 of its gradient and keeps each update on the graph, so the next loss also trains the
 transform (meta-descent). :class:`ParameterUpdate` is the ``torch.autograd.grad``
-counterpart returning transformed updates, and :class:`DifferentiableSGD` applies plain
+counterpart returning transformed updates, and :class:`ModuleSGD` applies plain
 gradient steps to a module on the graph. All edit the module with
 :mod:`metaloop.transforms.module_updates`.
 """
@@ -15,10 +15,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metaloop.optim.rules import transform_step
 from metaloop.transforms.gradient_transforms import TransformFactory, apply_transform, build_transforms
 from metaloop.transforms.module_updates import _map_tensors, update_module
 
-__all__ = ["LearnableOptimizer", "ParameterUpdate", "DifferentiableSGD"]
+__all__ = ["LearnableOptimizer", "ParameterUpdate", "ModuleSGD"]
 
 
 class LearnableOptimizer(nn.Module):
@@ -64,8 +65,7 @@ class LearnableOptimizer(nn.Module):
         for (name, p), transform in zip(named, self.transforms):
             if p.grad is None:
                 continue
-            update = apply_transform(transform, p.grad.detach(), f"parameter {name!r}")
-            new = p.detach() - update * self.lr
+            new = transform_step(p.detach(), p.grad.detach(), transform, self.lr, f"parameter {name!r}")
             if p.requires_grad and not new.requires_grad:  # a transform without parameters
                 new.requires_grad_()
             replacements[p] = new
@@ -154,11 +154,12 @@ class ParameterUpdate(nn.Module):
         ]
 
 
-class DifferentiableSGD(nn.Module):
-    """Gradient descent ``p <- p - lr * g`` applied to a module in place, on the graph (learn2learn's).
+class ModuleSGD(nn.Module):
+    """Gradient descent ``p <- p - lr * g`` applied to a module in place, on the graph.
 
-    Not :class:`metaloop.optim.DifferentiableSGD` (higher's, which returns fast weights for
-    a functional model): this one edits an ordinary module with
+    learn2learn calls it ``DifferentiableSGD`` (:mod:`metaloop.compat.learn2learn` keeps that
+    name); here it is ``ModuleSGD``, as ``metaloop.optim.DifferentiableSGD`` is higher's, which
+    returns fast weights for a functional model. This one edits an ordinary module with
     :func:`~metaloop.transforms.update_module`, so later losses differentiate through the step.
     """
 

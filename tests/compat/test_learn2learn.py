@@ -18,7 +18,7 @@ F64 = torch.float64
 NAMES = {
     "optim.LearnableOptimizer": metaloop.transforms.LearnableOptimizer,
     "optim.ParameterUpdate": metaloop.transforms.ParameterUpdate,
-    "optim.DifferentiableSGD": metaloop.transforms.DifferentiableSGD,
+    "optim.DifferentiableSGD": metaloop.transforms.ModuleSGD,
     "optim.ModuleTransform": metaloop.transforms.ModuleTransform,
     "optim.ReshapedTransform": metaloop.transforms.ReshapedTransform,
     "optim.KroneckerTransform": metaloop.transforms.KroneckerTransform,

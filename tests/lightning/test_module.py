@@ -17,7 +17,6 @@ import metaloop
 from metaloop.lightning import (
     MLP,
     Classification,
-    MeanWithConfidence,
     MetaDataModule,
     MetaLightningModule,
     PerElement,
@@ -105,6 +104,38 @@ def test_per_layer_values_are_shared_by_weight_and_bias():
     assert sorted(module.learned) == ["lr/features/0", "lr/features/2", "lr/head"]
     hparams = module.inner_hparams()
     assert hparams["head.weight"]["lr"] is hparams["head.bias"]["lr"] is module.learned["lr/head"]
+
+
+@pytest.mark.parametrize("learnable,foreach_calls", [(None, 3), ({"lr": PerTensor()}, 0)])
+def test_foreach_kernels_fire_on_the_lightning_path(learnable, foreach_calls):
+    """Without learned values every adapted parameter shares one hyperparameter dict, so a step is one foreach call."""
+    module = sinusoid_module(learnable=learnable)
+    hparams = module.inner_hparams()
+    assert (len({id(hp) for hp in hparams.values()}) == 1) is (learnable is None)
+    calls = []
+
+    def counting(params, grads, states, hp):
+        calls.append(len(params))
+        return foreach(params, grads, states, hp)
+
+    foreach = module.rule.foreach
+    module.rule = module.rule._replace(foreach=counting)
+    task = sinusoid_batch(1)
+    module.adapt((task.support_x[0], task.support_y[0]), steps=3)
+    assert calls == [len(module.adapted_names)] * foreach_calls
+
+
+def test_transform_optimizer_transforms_are_submodules_trained_by_the_outer_loop():
+    from metaloop.transforms import MetaCurvatureTransform, TransformOptimizer
+
+    module = sinusoid_module(inner_optim=functools.partial(TransformOptimizer, transform=MetaCurvatureTransform, lr=0.1))
+    assert sorted(module.inner_modules["transform"]) == sorted(n.replace(".", "/") for n in module.adapted_names)
+    transform_params = set(map(id, module.inner_modules.parameters()))
+    assert transform_params and transform_params <= set(map(id, module.parameters()))
+    assert any(k.startswith("inner_modules.transform.") for k in module.state_dict())
+    batch = sinusoid_batch(2)
+    module.meta_gradient(batch)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in module.inner_modules.parameters())
 
 
 def test_adapt_params_adapts_only_matching_parameters():
@@ -195,15 +226,6 @@ def test_scheduler_steps_every_meta_step():
 
 
 # -- evaluation ---------------------------------------------------------------------------
-def test_mean_with_confidence():
-    metric = MeanWithConfidence()
-    metric.update(torch.tensor([1.0, 2.0]))
-    metric.update(torch.tensor([3.0, 4.0]))
-    mean, half_width = metric.compute()
-    assert float(mean) == pytest.approx(2.5)
-    assert float(half_width) == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
-
-
 def test_validation_metrics_are_mean_and_ci_over_the_fixed_tasks():
     module = sinusoid_module(eval_inner_steps=2)
     datamodule = MetaDataModule(SinusoidTasks(5, 5), meta_batch_size=2, eval_meta_batch_size=4, num_val_tasks=6, seed=3)

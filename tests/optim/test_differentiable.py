@@ -151,13 +151,13 @@ def test_rule_runs_under_vmap_over_tasks():
     """The pure rules batch over a leading task dimension with torch.func.vmap."""
     from torch.func import vmap
 
-    from metaloop.optim import RULES
+    from metaloop.optim import OPTIMIZERS
 
     hp = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": True,
           "maximize": False, "decoupled_weight_decay": False}
     params = torch.randn(5, 3, 2)
     grads = torch.randn(5, 3, 2)
-    rule = RULES["adam"]
+    rule = OPTIMIZERS[torch.optim.Adam]
 
     def two_steps(p, g):
         state = rule.init(p, hp)

@@ -111,7 +111,33 @@ def test_loss_without_graph_is_explained(model):
 
 
 def test_get_rule_names_the_rule_or_explains():
-    assert metaloop.optim.get_rule(torch.optim.AdamW) is metaloop.optim.RULES["adam"]
-    assert metaloop.optim.get_rule(torch.optim.SGD) is metaloop.optim.RULES["sgd"]
+    assert metaloop.optim.get_rule(torch.optim.AdamW) is metaloop.optim.OPTIMIZERS[torch.optim.Adam]
+    assert metaloop.optim.get_rule(torch.optim.SGD) is metaloop.optim.OPTIMIZERS[torch.optim.SGD]
     with pytest.raises(ValueError, match="no differentiable version of LBFGS"):
         metaloop.optim.get_rule(torch.optim.LBFGS)
+
+
+def test_unknown_constructor_option_names_it_and_the_accepted_ones(model):
+    opt = torch.optim.Rprop(model.parameters(), lr=0.01)
+    with pytest.raises(TypeError, match=r"DifferentiableRprop got unknown option\(s\) 'smoth_sign'; it accepts .*track_higher_grads, smooth_sign"):
+        metaloop.optim.get_diff_optim(opt, model.parameters(), smoth_sign=0.1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"DifferentiableSGD got unknown option\(s\) 'momentun'"):
+        metaloop.optim.get_diff_optim(sgd, model.parameters(), momentun=0.9)
+    metaloop.optim.get_diff_optim(opt, model.parameters(), smooth_sign=0.1)  # a rule option is accepted
+
+
+def test_unknown_step_option_names_it_and_the_accepted_ones(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with metaloop.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(TypeError, match=r"step\(\) got unknown option\(s\) 'overide'; it accepts loss, params, override, grad_callback"):
+            diffopt.step(fmodel(torch.randn(2, 3)).sum(), overide={"lr": [0.5]})
+
+
+def test_rule_check_runs_where_hyperparameters_enter(model):
+    opt = torch.optim.Rprop(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match=r"smooth_sign=-0.5 must be >= 0"):
+        metaloop.optim.get_diff_optim(opt, model.parameters(), smooth_sign=-0.5)
+    diffopt = metaloop.optim.get_diff_optim(opt, model.parameters(), smooth_sign=0.1)
+    with pytest.raises(ValueError, match=r"smooth_sign=-1 must be >= 0"):
+        diffopt._apply_override({"smooth_sign": [-1]})

@@ -95,6 +95,20 @@ def test_apply_trainable_opt_params_writes_values_back():
     assert [g["momentum"] for g in opt.param_groups] == [pytest.approx(0.9)] * 2
 
 
+def test_apply_trainable_opt_params_keeps_each_values_type():
+    """higher's round trip: Adam's int weight_decay=0 comes back an int, betas a tuple of floats."""
+    weight = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([weight], lr=0.1, weight_decay=0)
+    apply_trainable_opt_params(opt, get_trainable_opt_params(opt))
+    group = opt.param_groups[0]
+    assert type(group["weight_decay"]) is int and group["weight_decay"] == 0
+    assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.1)
+    assert type(group["betas"]) is tuple and all(type(b) is float for b in group["betas"])
+    # A learned value that is not a whole number is not truncated into an int slot.
+    apply_trainable_opt_params(opt, {"weight_decay": [torch.tensor(0.25)]})
+    assert group["weight_decay"] == 0.25
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

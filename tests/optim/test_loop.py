@@ -1,135 +1,214 @@
-"""The fast inner loop equals the higher-compatible one, sequentially and under vmap."""
+"""The fast inner loop equals the higher-compatible shells, for every rule, sequentially and under vmap."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from optim_cases import OPTIONS, case_id
 from torch import nn
 from torch.func import functional_call, vmap
 
 import metaloop
-from metaloop.optim import RULES
-from metaloop.optim.loop import adapt
+from metaloop.optim import OPTIMIZERS, get_rule
+from metaloop.optim.hyperparams import per_parameter
+from metaloop.optim.loop import inner_loop, vmap_problems
+from metaloop.transforms import MetaCurvatureTransform, TransformOptimizer
+
+STEPS = 3
 
 
 def mse(out, y):
     return ((out - y) ** 2).mean()
 
 
+class Net(nn.Module):
+    """An MLP with a layer the loss never uses and a frozen parameter (requires_grad=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 1)
+        self.unused = nn.Linear(2, 2)
+        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x) + self.frozen))
+
+
 @pytest.fixture
-def mlp():
+def net() -> Net:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    return Net()
 
 
-def tasks(n=3):
-    gen = torch.Generator().manual_seed(2)
-    return [torch.randn(n, 5, 1, generator=gen) for _ in range(4)]
+def task_data(tasks: int = 2):
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(tasks, 6, d, generator=gen) for d in (2, 1, 2, 1)]
 
 
-@pytest.mark.parametrize("opt_type,kwargs,rule", [
-    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "sgd"),
-    (torch.optim.Adam, {"lr": 0.05}, "adam"),
-])
+def run_shell(net: Net, opt: torch.optim.Optimizer, lr: torch.Tensor, sx, sy, qx, qy):
+    """Returns the adapted weights (by name) and the query loss, through innerloop_ctx with a learned lr."""
+    with metaloop.innerloop_ctx(net, opt, copy_initial_weights=False, override={"lr": [lr]}) as (fmodel, diffopt):
+        for _ in range(STEPS):
+            diffopt.step(mse(fmodel(sx), sy))
+        names = [n for n, _ in net.named_parameters()]
+        return dict(zip(names, fmodel.parameters())), mse(fmodel(qx), qy)
+
+
+def run_loop(net: Net, opt: torch.optim.Optimizer, lr: torch.Tensor, sx, sy, qx, qy, batched=False):
+    """Returns the adapted weights and the query loss, through inner_loop with the same hyperparameters."""
+    weights = dict(net.named_parameters())
+    hparams = {n: {**hp, "lr": lr} for n, hp in zip(weights, per_parameter(opt.param_groups[0]))}
+
+    def support_loss(w):
+        return mse(functional_call(net, w, (sx,)), sy)
+
+    adapted = inner_loop(support_loss, weights, rule=get_rule(type(opt)), hparams=hparams, steps=STEPS, batched=batched)
+    return adapted, mse(functional_call(net, adapted, (qx,)), qy)
+
+
+def check_paths_meet(net: Net, make_opt, lr0: float) -> None:
+    sx, sy, qx, qy = (t[0] for t in task_data())
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    results = []
+    for run in (run_shell, run_loop):
+        lr = torch.tensor(lr0, requires_grad=True)
+        adapted, query = run(net, make_opt(net), lr, sx, sy, qx, qy)
+        hypergrads = torch.autograd.grad(query, [*trainable, lr], allow_unused=True)
+        results.append((adapted, query, hypergrads))
+    (shell, shell_query, shell_grads), (loop, loop_query, loop_grads) = results
+    for name in shell:
+        torch.testing.assert_close(loop[name], shell[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(loop_query, shell_query, rtol=1e-10, atol=1e-12)
+    for a, b in zip(loop_grads, shell_grads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # As in torch.optim: a parameter without a gradient does not move (no momentum, decay or Adam step).
+    for name in ("unused.weight", "unused.bias", "frozen"):
+        assert torch.equal(loop[name], net.get_parameter(name)), name
+        assert torch.equal(shell[name], net.get_parameter(name)), name
+
+
+@pytest.mark.parametrize("case", OPTIONS, ids=case_id)
+def test_inner_loop_matches_the_shells_for_every_rule(case, net):
+    """Trajectories and hypergradients (initial weights, learned lr) agree to 1e-10 for every table row and option."""
+    opt_type, kwargs, _ = case
+    check_paths_meet(net, lambda model: opt_type(model.parameters(), **kwargs), kwargs["lr"])
+
+
+def test_inner_loop_matches_the_shells_for_the_transform_rule(net):
+    """p - lr * T(g): the same live transforms through both paths; hypergradients reach the transforms too."""
+    opt = TransformOptimizer(net.parameters(), MetaCurvatureTransform, lr=0.1)
+    with torch.no_grad():
+        for p in opt.transform_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    check_paths_meet(net, lambda model: opt, 0.1)
+    sx, sy, qx, qy = (t[0] for t in task_data())
+    per_path = []
+    for run in (run_shell, run_loop):
+        _, query = run(net, opt, torch.tensor(0.1), sx, sy, qx, qy)
+        per_path.append(torch.autograd.grad(query, list(opt.transform_parameters()), allow_unused=True))
+    for a, b in zip(*per_path):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert any(g is not None and g.abs().max() > 0 for g in per_path[0])
+
+
+def test_every_table_row_is_in_the_option_matrix():
+    """The test cases cover the optimizer table: a new row without cases fails here."""
+    assert {t for t, _, _ in OPTIONS} == set(OPTIMIZERS) - {TransformOptimizer}
+
+
+@pytest.mark.parametrize("opt_type", [t for t in OPTIMIZERS if t is not TransformOptimizer], ids=lambda t: t.__name__)
+def test_vmapped_inner_loop_equals_sequential_for_every_rule(opt_type, net):
+    """Under vmap over tasks, every rule gives the task-by-task values and meta-gradients."""
+    net.unused.requires_grad_(False)  # under vmap an unused weight gets a zero gradient, not none
+    lr0 = 1.0 if opt_type is torch.optim.Adadelta else 0.05
+    sx, sy, qx, qy = task_data()
+    make = lambda: opt_type(net.parameters(), lr=lr0)  # noqa: E731
+    lr = torch.tensor(lr0, requires_grad=True)
+    sequential = torch.stack([run_loop(net, make(), lr, sx[i], sy[i], qx[i], qy[i])[1] for i in range(2)])
+    batched = vmap(lambda *t: run_loop(net, make(), lr, *t, batched=True)[1])(sx, sy, qx, qy)
+    torch.testing.assert_close(batched, sequential, rtol=1e-10, atol=1e-12)
+    wrt = [net.body.weight, net.head.bias, lr]
+    for a, b in zip(torch.autograd.grad(batched.sum(), wrt), torch.autograd.grad(sequential.sum(), wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
-def test_adapt_matches_innerloop_ctx(mlp, opt_type, kwargs, rule, first_order):
-    sx, sy, qx, qy = tasks()
-    names = [n for n, _ in mlp.named_parameters()]
-    hp = opt_type([torch.zeros(1)], **kwargs).param_groups[0]
-    hparams = {n: hp for n in names}
-    params = dict(mlp.named_parameters())
+def test_first_order_and_no_graph(net, first_order):
+    """FOMAML's meta-gradient is the query gradient at the adapted weights; create_graph=False keeps no graph."""
+    sx, sy, qx, qy = (t[0] for t in task_data())
+    weights = {n: p for n, p in net.named_parameters() if n.startswith("head")}  # ANIL: the head only
+    hp = per_parameter(torch.optim.SGD([torch.zeros(1)], lr=0.3, momentum=0.9).param_groups[0])[0]
+    hparams = dict.fromkeys(weights, hp)
 
-    def query_loss(i, batched=False, p=params):
-        fast = adapt(mlp, p, sx[i], sy[i], loss_fn=mse, rule=RULES[rule], hparams=hparams, steps=3,
-                     first_order=first_order, batched=batched)
-        return mse(functional_call(mlp, fast, (qx[i],)), qy[i])
+    def support_loss(w):
+        return mse(functional_call(net, w, (sx,)), sy)
 
-    sequential = torch.stack([query_loss(i) for i in range(3)])
-    expected_grads = torch.autograd.grad(sequential.sum(), list(mlp.parameters()))
-    batched = vmap(lambda x, y, a, b: mse(functional_call(mlp, adapt(
-        mlp, params, x, y, loss_fn=mse, rule=RULES[rule], hparams=hparams, steps=3,
-        first_order=first_order, batched=True), (a,)), b))(sx, sy, qx, qy)
-    batched_grads = torch.autograd.grad(batched.sum(), list(mlp.parameters()))
-    torch.testing.assert_close(batched, sequential)
-    for a, b in zip(batched_grads, expected_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    if first_order:
-        return
-    opt = opt_type(mlp.parameters(), **kwargs)
-    reference = []
-    for i in range(3):
-        with metaloop.innerloop_ctx(mlp, opt, copy_initial_weights=False) as (fmodel, diffopt):
-            for _ in range(3):
-                diffopt.step(mse(fmodel(sx[i]), sy[i]))
-            reference.append(mse(fmodel(qx[i]), qy[i]))
-    torch.testing.assert_close(sequential, torch.stack(reference))
-    ref_grads = torch.autograd.grad(torch.stack(reference).sum(), list(mlp.parameters()))
-    for a, b in zip(expected_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_first_order_gradient_is_the_query_gradient_at_adapted_weights(mlp):
-    sx, sy, qx, qy = tasks(1)
-    names = [n for n, _ in mlp.named_parameters()]
-    hparams = {n: {"lr": 0.1, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0} for n in names}
-    fast = adapt(mlp, dict(mlp.named_parameters()), sx[0], sy[0], loss_fn=mse, rule=RULES["sgd"],
-                 hparams=hparams, steps=2, first_order=True)
-    loss = mse(functional_call(mlp, fast, (qx[0],)), qy[0])
-    meta = torch.autograd.grad(loss, list(mlp.parameters()))
-    detached = {n: w.detach().requires_grad_() for n, w in fast.items()}
-    direct = torch.autograd.grad(mse(functional_call(mlp, detached, (qx[0],)), qy[0]), list(detached.values()))
+    adapted = inner_loop(support_loss, weights, rule=OPTIMIZERS[torch.optim.SGD], hparams=hparams, steps=2,
+                         first_order=first_order)
+    query = mse(functional_call(net, adapted, (qx,)), qy)
+    meta = torch.autograd.grad(query, list(weights.values()))
+    detached = {n: w.detach().requires_grad_() for n, w in adapted.items()}
+    direct = torch.autograd.grad(mse(functional_call(net, detached, (qx,)), qy), list(detached.values()))
     for a, b in zip(meta, direct):
-        torch.testing.assert_close(a, b)
+        if first_order:
+            torch.testing.assert_close(a, b)
+        else:
+            assert (a - b).abs().max() > 1e-6
+    frozen = inner_loop(support_loss, weights, rule=OPTIMIZERS[torch.optim.SGD], hparams=hparams, steps=4,
+                        create_graph=False)
+    assert all(w.grad_fn is None and not w.requires_grad for w in frozen.values())
+    torch.testing.assert_close(frozen["head.weight"], inner_loop(
+        support_loss, weights, rule=OPTIMIZERS[torch.optim.SGD], hparams=hparams, steps=4)["head.weight"].detach())
 
 
-def test_anil_adapts_only_named_parameters_and_eval_mode_keeps_no_graph(mlp):
-    sx, sy, _, _ = tasks(1)
-    head = {"2.weight": {"lr": 0.5, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0},
-            "2.bias": {"lr": 0.5, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0}}
-    params = dict(mlp.named_parameters())
-    fast = adapt(mlp, params, sx[0], sy[0], loss_fn=mse, rule=RULES["sgd"], hparams=head, steps=2)
-    assert fast["0.weight"] is params["0.weight"] and fast["2.weight"] is not params["2.weight"]
-    fast = adapt(mlp, params, sx[0], sy[0], loss_fn=mse, rule=RULES["sgd"], hparams=head, steps=4,
-                 track_higher_grads=False)
-    assert fast["2.weight"].grad_fn is None and not fast["2.weight"].requires_grad
-    with pytest.raises(ValueError, match=r"hparams name parameters \['nope'\]"):
-        adapt(mlp, params, sx[0], sy[0], loss_fn=mse, rule=RULES["sgd"], hparams={"nope": {}}, steps=1)
+def test_errors_name_the_value(net):
+    weights = dict(net.head.named_parameters())
+    hp = {"lr": 0.1, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0}
+    rule = OPTIMIZERS[torch.optim.SGD]
+    with pytest.raises(ValueError, match=r"missing \['weight'\], not among the weights \['nope'\]"):
+        inner_loop(lambda w: w["bias"].sum(), weights, rule=rule, hparams={"bias": hp, "nope": hp}, steps=1)
     with pytest.raises(ValueError, match="steps=-1"):
-        adapt(mlp, params, sx[0], sy[0], loss_fn=mse, rule=RULES["sgd"], hparams=head, steps=-1)
+        inner_loop(lambda w: w["bias"].sum(), weights, rule=rule, hparams=dict.fromkeys(weights, hp), steps=-1)
 
 
 def test_transform_rule_checks_shape():
-    rule = RULES["transform"]
+    rule = metaloop.optim.TRANSFORM
     p, g = torch.ones(3), torch.ones(3)
     new, _ = rule.update(p, g, {}, {"lr": 0.5, "transform": lambda grad: 2 * grad})
     torch.testing.assert_close(new, torch.zeros(3))
-    with pytest.raises(ValueError, match=r"update of shape \(1, 3\) for a gradient of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"returned \(1, 3\) for a gradient of shape \(3,\)"):
         rule.update(p, g, {}, {"transform": lambda grad: grad.reshape(1, 3)})
 
 
-def test_vmap_refuses_second_order_through_batchnorm_but_first_order_matches():
-    """PyTorch 2.13's vmap gets second-order BatchNorm gradients wrong: adapt refuses, first order is fine."""
+def test_vmap_problems_name_batchnorm_and_first_order_vmap_matches():
+    """PyTorch 2.13's vmap gets second-order BatchNorm gradients wrong: vmap_problems says so; first order is fine."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     x, y = torch.randn(3, 6, 1, 6, 6), torch.randint(0, 3, (3, 6))
     hp = {"lr": 0.4, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0}
-    hparams = {n: hp for n, _ in model.named_parameters()}
     params = dict(model.named_parameters())
     ce = nn.functional.cross_entropy
 
-    def task_loss(first_order, batched):
+    def task_loss(batched):
         def one(xi, yi):
-            fast = adapt(model, params, xi, yi, loss_fn=ce, rule=RULES["sgd"], hparams=hparams, steps=2,
-                         first_order=first_order, batched=batched)
+            fast = inner_loop(lambda w: ce(functional_call(model, w, (xi,)), yi), params, rule=OPTIMIZERS[torch.optim.SGD],
+                              hparams=dict.fromkeys(params, hp), steps=2, first_order=True, batched=batched)
             return ce(functional_call(model, fast, (xi,)), yi)
         return one
 
-    with pytest.raises(ValueError, match=r"BatchNorm layers \(1\) get wrong second-order gradients under vmap"):
-        vmap(task_loss(False, True))(x, y)
-    batched = torch.autograd.grad(vmap(task_loss(True, True))(x, y).sum(), list(params.values()))
-    sequential = torch.autograd.grad(sum(task_loss(True, False)(xi, yi) for xi, yi in zip(x, y)), list(params.values()))
+    assert any("BatchNorm layers (1) get wrong second-order gradients under vmap" in p for p in vmap_problems(model))
+    assert vmap_problems(model, second_order=False) == []
+    batched = torch.autograd.grad(vmap(task_loss(True))(x, y).sum(), list(params.values()))
+    sequential = torch.autograd.grad(sum(task_loss(False)(xi, yi) for xi, yi in zip(x, y)), list(params.values()))
     for a, b in zip(batched, sequential):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert metaloop.optim.loop.vmap_problems(nn.BatchNorm1d(3)) != []
-    assert metaloop.optim.loop.vmap_problems(nn.Linear(2, 2)) == []
+    assert vmap_problems(nn.BatchNorm1d(3)) != []
+    assert vmap_problems(nn.Linear(2, 2)) == []

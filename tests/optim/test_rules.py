@@ -145,7 +145,8 @@ def test_rprop_smooth_sign_gives_nonzero_second_order_terms():
     jac = torch.autograd.grad(fast[0].sum(), params[0])[0]
     assert (jac - 1).abs().max() > 1e-3
     with pytest.raises(ValueError, match="smooth_sign=-1"):
-        metaloop.optim.DifferentiableRprop(torch.optim.Rprop([torch.zeros(1)]), [], smooth_sign=-1)
+        weight = torch.zeros(1)
+        metaloop.optim.DifferentiableRprop(torch.optim.Rprop([weight]), [weight], smooth_sign=-1)
 
 
 ADAPTIVE = [

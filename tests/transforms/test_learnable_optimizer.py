@@ -1,4 +1,4 @@
-"""LearnableOptimizer, ParameterUpdate and DifferentiableSGD (learn2learn's) on ordinary modules."""
+"""LearnableOptimizer, ParameterUpdate and ModuleSGD (learn2learn's DifferentiableSGD) on ordinary modules."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch.func import functional_call
 
 from metaloop.nn import KroneckerLinear
 from metaloop.transforms import (
-    DifferentiableSGD,
     KroneckerTransform,
     LearnableOptimizer,
+    ModuleSGD,
     ModuleTransform,
     ParameterUpdate,
     clone_module,
@@ -164,7 +164,7 @@ def test_differentiable_sgd_is_second_order_exact(data):
     clone = clone_module(model)
     grads = torch.autograd.grad(mse(clone, x, y), list(clone.parameters()), create_graph=True)
     before = [p.detach().clone() for p in clone.parameters()]
-    DifferentiableSGD(lr)(clone, grads)
+    ModuleSGD(lr)(clone, grads)
     for p, p0, g in zip(clone.parameters(), before, grads):
         torch.testing.assert_close(p, p0 - lr * g, rtol=0, atol=0)
     mse(clone, x, y).backward()
@@ -178,6 +178,6 @@ def test_differentiable_sgd_defaults_to_dot_grad(data):
     before = [p.detach().clone() for p in model.parameters()]
     mse(model, x, y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    assert DifferentiableSGD(0.5)(model) is model
+    assert ModuleSGD(0.5)(model) is model
     for p, p0, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p, p0 - 0.5 * g, rtol=0, atol=0)

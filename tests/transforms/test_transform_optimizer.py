@@ -78,7 +78,7 @@ def test_live_steps_with_identity_transforms_match_torch_sgd(factory):
 def test_transforms_follow_param_groups():
     model = make_model()
     opt = TransformOptimizer(two_groups(model), KroneckerTransform(KroneckerLinear), lr=0.1)
-    shapes = [[tuple(t.transform.left.shape) for t in group] for group in opt.group_transforms()]
+    shapes = [[tuple(t.transform.left.shape) for t in group["transform"]] for group in opt.param_groups]
     assert shapes == [[(4, 4), (4, 4)], [(2, 2), (2, 2)]]
     assert sum(p.numel() for p in opt.transform_parameters()) == (16 + 9) + (16 + 1) + (4 + 16) + (4 + 1)
 
@@ -181,5 +181,5 @@ def test_constructor_errors_name_the_problem():
     pattern = re.escape("parameter \"param_groups[0]['params'][1]\" of shape (): KroneckerLinear cannot factor")
     with pytest.raises(ValueError, match=pattern):
         TransformOptimizer([model[0].weight, scalar], KroneckerTransform(KroneckerLinear))
-    with pytest.raises(TypeError, match=r"branches from a TransformOptimizer, got SGD"):
+    with pytest.raises(ValueError, match=r"the transform rule needs a callable 'transform' per parameter, got None"):
         DifferentiableTransformOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters())

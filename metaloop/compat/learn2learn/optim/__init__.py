@@ -13,7 +13,8 @@ from metaloop.compat.learn2learn.optim.transforms import (
     ModuleTransform,
     ReshapedTransform,
 )
-from metaloop.transforms.learnable_optimizer import DifferentiableSGD, LearnableOptimizer, ParameterUpdate
+from metaloop.transforms.learnable_optimizer import LearnableOptimizer, ParameterUpdate
+from metaloop.transforms.learnable_optimizer import ModuleSGD as DifferentiableSGD  # learn2learn's name
 
 __all__ = [
     "LearnableOptimizer",
