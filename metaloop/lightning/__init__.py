@@ -17,6 +17,7 @@ from metaloop.lightning.module import (
     Regression,
     Shared,
 )
+from metaloop.lightning.runs import checkpoint_config, load_run
 
 __all__ = [
     "MetaDataModule",
@@ -33,4 +34,6 @@ __all__ = [
     "MeanWithConfidence",
     "Conv4",
     "MLP",
+    "load_run",
+    "checkpoint_config",
 ]
