@@ -100,12 +100,13 @@ def _device_count(accelerator: str, devices: Any) -> tuple[int, str | None]:
     return len(ids), None
 
 
-def _launcher() -> str | None:
+def _launcher(cfg: DictConfig) -> str | None:
+    """Returns the Hydra launcher's option: from ``cfg.hydra`` (a sweep's config) or from Hydra's state (a job's)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    return HydraConfig.get().runtime.choices.get("hydra/launcher")
+    if "hydra" in cfg:
+        return cfg.hydra.runtime.choices.get("hydra/launcher")
+    return HydraConfig.get().runtime.choices.get("hydra/launcher") if HydraConfig.initialized() else None
 
 
 def check_scale_out(cfg: DictConfig) -> None:
@@ -121,7 +122,7 @@ def check_scale_out(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     devices = trainer.get("devices", 1)
     nodes = int(trainer.get("num_nodes", 1) or 1)
-    if _launcher() == "submitit_slurm":
+    if _launcher(cfg) == "submitit_slurm":
         if not isinstance(devices, int) or devices < 1:
             raise UsageError(
                 f"launcher=submitit_slurm needs trainer.devices as a number (the tasks and GPUs per node), "

@@ -469,14 +469,20 @@ class MetaLightningModule(lightning.LightningModule):
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
-        cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None, **kwargs: Any
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
     ) -> MetaLightningModule:
         """Returns the trained module of a checkpoint written by ``metaloop fit`` (see :func:`metaloop.lightning.runs.load_module`).
 
         With constructor arguments in ``kwargs`` (a checkpoint of a module built in Python), Lightning's own loader.
         """
         if kwargs or hparams_file is not None:
-            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
         from metaloop.lightning.runs import load_module
 
         return load_module(checkpoint_path, map_location=map_location, strict=strict is not False, cls=cls)  # type: ignore[return-value]
