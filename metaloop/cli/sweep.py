@@ -101,7 +101,7 @@ def run_job(cfg: DictConfig) -> float | dict[str, float]:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from metaloop.cli.launch import claim_devices
+    from metaloop.cli.launch import claim_devices, process_rank
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
@@ -131,7 +131,8 @@ def run_job(cfg: DictConfig) -> float | dict[str, float]:
         else:
             record.update(status="failed", error=f"exit code {process.returncode}: {_tail(stderr)}")
     record["ended"] = time.time()
-    (job_dir / RECORD).write_text(json.dumps(record, indent=1))
+    if process_rank() == 0:  # on SLURM every task of a job runs this function; rank 0 keeps the record
+        (job_dir / RECORD).write_text(json.dumps(record, indent=1))
     metrics: dict[str, float] = record.get("metrics", {})
     if cfg.get("optimized_metric"):
         return _optimized(metrics, str(cfg.optimized_metric), record)
