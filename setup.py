@@ -2,18 +2,24 @@
 
 They stay at the top of the repository (where recipes are read and edited) and install as
 ``metaloop/configs`` and ``metaloop/recipes``, which :func:`metaloop.cli.config_dir` and
-:func:`metaloop.cli.recipe_dir` find when metaloop is not an editable checkout.
+:func:`metaloop.cli.recipe_dir` find when metaloop is not an editable checkout. Their folders
+are data packages (YAML only), one per config group.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
+
+DATA = {
+    "metaloop.configs": "configs",
+    **{f"metaloop.configs.{group}": f"configs/{group.replace('.', '/')}" for group in find_namespace_packages(where="configs")},
+    "metaloop.recipes": "recipes",
+}
 
 setup(
-    packages=[*find_packages(include=["metaloop", "metaloop.*"]), "metaloop.configs", "metaloop.recipes"],
-    package_dir={"metaloop.configs": "configs", "metaloop.recipes": "recipes"},
+    packages=[*find_packages(include=["metaloop", "metaloop.*"]), *DATA],
+    package_dir=DATA,
     package_data={
         "metaloop": ["py.typed"],
         "metaloop.tasks": ["data/omniglot/*.zip", "data/omniglot/LICENSE", "data/omniglot/README.md"],
-        "metaloop.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
-        "metaloop.recipes": ["*.yaml"],
+        **{package: ["*.yaml"] for package in DATA},
     },
 )
