@@ -12,6 +12,7 @@ import lightning
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from cli_helpers import TINY, cli_error
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 import metaloop.cli
 import metaloop.cli.launch
 from metaloop.cli import config_dir, main
-from metaloop.cli.launch import jobs_at_once, process_rank
+from metaloop.cli.launch import claim_devices, jobs_at_once, process_rank
 from metaloop.lightning import checkpoint_config
 from metaloop.tasks import Task, sample_meta_batch
 
@@ -103,6 +104,20 @@ def test_parallel_launcher_runs_visible_devices_per_job_at_once(monkeypatch, cap
     assert jobs_at_once(3, 2, "gpu") == 3
     with pytest.raises(ValueError, match="sweep.jobs_at_once=0 must be a positive integer or 'auto'"):
         jobs_at_once(0, 1, "cpu")
+
+
+def test_jobs_at_once_each_hold_their_own_gpus_and_master_port(monkeypatch, tmp_path):
+    monkeypatch.setattr(metaloop.cli.launch, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    cfg = OmegaConf.create({"sweep": {"devices_per_job": 2, "jobs_at_once": "auto"}, "trainer": {"accelerator": "gpu"}, "threads": 1})
+    with claim_devices(tmp_path, cfg) as (first_env, first), claim_devices(tmp_path, cfg) as (second_env, second):
+        assert (first["slot"], first_env["CUDA_VISIBLE_DEVICES"]) == (0, "0,1")
+        assert (second["slot"], second_env["CUDA_VISIBLE_DEVICES"]) == (1, "2,3")
+        assert first_env["MASTER_PORT"] != second_env["MASTER_PORT"] and first_env["OMP_NUM_THREADS"] == "1"
+    # released when the job ends
+    with claim_devices(tmp_path, cfg) as (env, placement):
+        assert placement["slot"] == 0
+    with claim_devices(tmp_path, OmegaConf.create({"sweep": {"devices_per_job": None}})) as (env, placement):
+        assert env == {} and placement == {}
 
 
 def test_process_rank_reads_the_launchers_environment(monkeypatch):
