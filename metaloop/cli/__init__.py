@@ -18,8 +18,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-
-__all__ = ["COMMANDS", "USAGE", "UsageError", "config_dir", "main", "recipe_dir", "recipe_summaries", "run"]
+__all__ = [
+    "COMMANDS", "USAGE", "UsageError", "config_dir", "main", "recipe_dir", "recipe_summaries", "run", "user_config_path",
+]
 
 COMMANDS = ("fit", "validate", "test")
 USAGE = """\
@@ -36,7 +37,9 @@ _LAUNCHER_PLUGINS = {
     "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
 }
+_SWEEPER_PLUGINS = {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "metaloop[sweepers]")}
 
 # Lightning warnings that do not apply to meta-learning runs: the task stream is an endless IterableDataset
 # with a length, and manual optimisation checkpoints after the step by design.
@@ -53,11 +56,16 @@ class UsageError(Exception):
 
 def _checkout_dir(env: str, name: str) -> Path:
     override = os.environ.get(env)
-    folder = Path(override).expanduser() if override else _package_root() / name
+    if override:
+        folder = Path(override).expanduser()
+    else:
+        # a wheel ships the folder inside the package (metaloop/configs); a checkout has it beside the package
+        package = _package_root() / "metaloop" / name
+        folder = package if package.is_dir() else _package_root() / name
     if not folder.is_dir():
         raise UsageError(
-            f"metaloop's {name}/ folder was not found at {folder} (it lives in the source checkout, beside the "
-            f"metaloop package); install metaloop from a checkout (pip install -e .), or set {env} to the folder"
+            f"metaloop's {name}/ folder was not found in the installed package or at {folder}; reinstall metaloop "
+            f"(pip install metaloop-*.whl, or pip install -e . in a checkout), or set {env} to the folder"
         )
     return folder.resolve()
 
@@ -66,6 +74,20 @@ def _package_root() -> Path:
     import metaloop
 
     return Path(metaloop.__file__).resolve().parents[1]
+
+
+def user_config_path() -> list[Path]:
+    """Returns the folders of ``$METALOOP_CONFIG_PATH`` (separated by ``os.pathsep``): the user's recipes and config groups.
+
+    Each folder's YAML files are recipes (``--config NAME.yaml``, listed by ``metaloop recipes``); its
+    subfolders add options to config groups (``model/resnet.yaml`` is ``model=resnet``). They are
+    searched before metaloop's own ``configs/`` and ``recipes/``.
+    """
+    folders = [Path(p).expanduser() for p in os.environ.get("METALOOP_CONFIG_PATH", "").split(os.pathsep) if p]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise UsageError(f"METALOOP_CONFIG_PATH names {', '.join(missing)}, which is not a folder; fix or unset it")
+    return [f.resolve() for f in folders]
 
 
 def config_dir() -> Path:
@@ -92,8 +114,12 @@ def _first_comment(path: Path) -> str:
 
 
 def recipe_summaries() -> dict[str, str]:
-    """Returns each recipe's name and the first line of its header comment, sorted by name."""
-    return {path.stem: _first_comment(path) for path in sorted(recipe_dir().glob("*.yaml"))}
+    """Returns each recipe's name and the first line of its header comment, sorted by name (the user's first, see :func:`user_config_path`)."""
+    summaries: dict[str, str] = {}
+    for folder in [*user_config_path(), recipe_dir()]:
+        for path in sorted(folder.glob("*.yaml")):
+            summaries.setdefault(path.stem, _first_comment(path))
+    return dict(sorted(summaries.items()))
 
 
 def _resolve_recipe(config: str | None) -> tuple[Path, str]:
@@ -103,9 +129,10 @@ def _resolve_recipe(config: str | None) -> tuple[Path, str]:
     path = Path(config).expanduser()
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path.resolve().parent, path.stem
-    for candidate in (recipe_dir() / config, recipe_dir() / f"{config}.yaml"):
-        if candidate.is_file() and candidate.suffix == ".yaml":
-            return candidate.parent, candidate.stem
+    for folder in [*user_config_path(), recipe_dir()]:
+        for candidate in (folder / config, folder / f"{config}.yaml"):
+            if candidate.is_file() and candidate.suffix == ".yaml":
+                return candidate.parent, candidate.stem
     available = ", ".join(recipe_summaries()) or "(none)"
     raise UsageError(f"unknown recipe {config!r}; the recipes are: {available} (or give a path to a YAML file)")
 
@@ -185,8 +212,9 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | No
         return None
     folder, name = _resolve_recipe(config)
     _check_launcher(overrides)
-    # configs/ for the groups and config.yaml; recipes/ so that a recipe elsewhere can build on a shipped one
-    search = [config_dir(), recipe_dir()]
+    # the user's folders first; configs/ for the groups and config.yaml; recipes/ so that a recipe elsewhere can
+    # build on a shipped one
+    search = [*user_config_path(), config_dir(), recipe_dir()]
     searchpath = "hydra.searchpath=[" + ",".join(f"'file://{p}'" for p in search) + "]"
     argv = ["--config-dir", str(folder), "--config-name", name, searchpath, f"command={command}", f"recipe={name}"]
     composed = check_command_line(
@@ -229,6 +257,13 @@ def _installed(module: str) -> bool:
 def _check_launcher(overrides: Sequence[str]) -> None:
     for override in overrides:
         key, _, value = override.partition("=")
+        if key.lstrip("+~") == "hydra/sweeper" and value in _SWEEPER_PLUGINS:
+            module, package, extra = _SWEEPER_PLUGINS[value]
+            if not _installed(module):
+                raise UsageError(
+                    f"hydra/sweeper={value} needs the Hydra plugin {package}, which is not installed; "
+                    f"pip install '{extra}' (or pip install {package})"
+                )
         if key.lstrip("+~") == "launcher" and value in _LAUNCHER_PLUGINS:
             module, package = _LAUNCHER_PLUGINS[value]
             if not _installed(module):
@@ -282,9 +317,15 @@ def _holding(folder: Path | None) -> Iterator[None]:
 
 def _run_hydra(hydra_args: list[str]) -> None:
     import hydra
+    import lightning  # noqa: F401  (adds console handlers to its loggers on import; Hydra's job_logging replaces them)
     from hydra.core.global_hydra import GlobalHydra
 
+    from metaloop.cli.launch import process_rank
+
     GlobalHydra.instance().clear()
+    if process_rank() != 0:
+        # ranks other than 0 (Lightning's DDP children, torchrun, SLURM tasks) write no files: the run folder is rank 0's
+        hydra_args = [*hydra_args, "hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
     program = sys.argv[0]
     saved = sys.argv
     # Hydra reads sys.argv; Lightning's DDP launcher re-runs it, so it must hold Hydra's arguments
@@ -303,7 +344,14 @@ class RunFailed(Exception):
         self.code = code
 
 
-def _task(cfg: Any) -> dict[str, float] | None:
+def _task(cfg: Any) -> float | dict[str, float] | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from metaloop.cli.sweep import run_job
+
+        return run_job(cfg)
     try:
         return run(cfg)
     except UsageError as err:
@@ -347,10 +395,12 @@ def run(cfg: Any) -> dict[str, float]:
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from metaloop.cli.report import print_summary
+    from metaloop.cli.launch import check_scale_out
+    from metaloop.cli.report import print_summary, write_results
     from metaloop.cli.runs import resolve_ckpt_path
     from metaloop.lightning.callbacks import NonFiniteError
     from metaloop.lightning.checkpoint import CheckpointError, SafeCheckpointIO, check_fits, load_checkpoint
+    from metaloop.lightning.runs import SaveRunConfig
 
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -359,6 +409,7 @@ def run(cfg: Any) -> dict[str, float]:
             f"{str(err).splitlines()[0]} (at {getattr(err, 'full_key', '?')}); set it on the command line, "
             "e.g. task.source=mypackage.tasks.linear_tasks for task=custom"
         ) from err
+    check_scale_out(cfg)
     for message in _NOISE:
         warnings.filterwarnings("ignore", message=message)
     if cfg.threads:
@@ -369,6 +420,7 @@ def run(cfg: Any) -> dict[str, float]:
         module = instantiate(cfg.module, _convert_="partial")
         module.check_datamodule(datamodule, cfg.command)
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+        callbacks.append(SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)))
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[SafeCheckpointIO()])
     except InstantiationException as err:
@@ -397,13 +449,15 @@ def run(cfg: Any) -> dict[str, float]:
             code=143,
         ) from err
     timings[cfg.command] = time.perf_counter() - start
+    validated = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.command == "fit" and cfg.test_after_fit and datamodule.num_test_tasks and not trainer.interrupted:
         start = time.perf_counter()
         outputs = trainer.test(module, datamodule=datamodule, verbose=False)
         timings["test"] = time.perf_counter() - start
-    results = {k: float(v) for output in outputs or [] for k, v in output.items()}
+    results = {**validated, **{k: float(v) for output in outputs or [] for k, v in output.items()}}
     if trainer.is_global_zero:
         print_summary(cfg, trainer, results, timings, HydraConfig.get().runtime.output_dir)
+        write_results(results, trainer.global_step, timings, HydraConfig.get().runtime.output_dir)
     return results
 
 

@@ -1,16 +1,42 @@
-"""What the ``metaloop`` command shows at the end of a run: a learning-curve plot and a summary table."""
+"""What the ``metaloop`` command shows: a progress bar of meta-steps, and at the end a learning-curve plot, a summary table and ``results.json``."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import lightning
+from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["LearningCurve", "print_summary"]
+__all__ = ["LearningCurve", "MetaStepProgressBar", "print_summary", "write_results"]
+
+
+class MetaStepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting meta-steps of ``max_steps`` ("meta-step 120/2000").
+
+    The task stream is endless, so Lightning's own bar, which counts batches of an epoch out of
+    ``max_epochs``, shows "Epoch 0/-2".
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "meta-step"
+
+    def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self._update(self.train_progress_bar_id, trainer.global_step)
 
 
 class LearningCurve(lightning.Callback):
@@ -129,3 +155,13 @@ def print_summary(
         if best:
             table.add_row("last checkpoint", str(best))
     Console().print(table)
+
+
+def write_results(results: dict[str, float], global_step: int, timings: dict[str, float], run_dir: str | Path) -> Path:
+    """Returns the path of ``results.json`` in ``run_dir`` after writing the run's final metrics, meta-steps and timings.
+
+    What a sweep reads back from each job (:mod:`metaloop.cli.sweep`); call it on rank 0 only.
+    """
+    path = Path(run_dir) / "results.json"
+    path.write_text(json.dumps({"metrics": results, "global_step": global_step, "timings": timings}, indent=1))
+    return path

@@ -115,6 +115,9 @@ KEYS: dict[str, Key] = {
     "trainer.log_every_n_steps": _int(1),
     "trainer.num_nodes": _int(1),
     "trainer.num_sanity_val_steps": _int(-1),
+    "optimized_metric": Key("str", optional=True, hint="a metric the job logs, e.g. val/loss_post"),
+    "sweep.continue_on_failure": Key("bool"),
+    "sweep.devices_per_job": _int(1, optional=True),
     "task.n_ways": _int(2, optional=True),
     "task.k_shots": _int(1),
     "task.k_queries": _int(1),
@@ -425,7 +428,7 @@ def check_command_line(
             choices = {g: c for g, c in composed.hydra.runtime.choices.items() if not g.startswith("hydra/") and c is not None}
             GlobalHydra.instance().clear()
             with initialize_config_dir(config_dir=str(config_folder), version_base="1.3"):
-                reference = compose("config", overrides=[f"{g}={c}" for g, c in choices.items()])
+                reference = compose("config", overrides=[searchpath, *(f"{g}={c}" for g, c in choices.items())])
         except (HydraException, OmegaConfBaseException) as err:
             raise to_error(_first_line(err)) from err
         finally:

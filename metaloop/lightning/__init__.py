@@ -16,6 +16,7 @@ from metaloop.lightning.metrics import MeanWithConfidence
 from metaloop.lightning.models import MLP, Conv4
 from metaloop.lightning.module import MetaLightningModule
 from metaloop.lightning.objectives import Classification, Objective, Regression
+from metaloop.lightning.runs import checkpoint_config, load_run
 
 FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that imports it
 
@@ -35,4 +36,6 @@ __all__ = [
     "MeanWithConfidence",
     "Conv4",
     "MLP",
+    "load_run",
+    "checkpoint_config",
 ]

@@ -272,6 +272,28 @@ class MetaLightningModule(lightning.LightningModule):
             override[hp_name] = [values[0] if shared else values]
         return override
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> MetaLightningModule:
+        """Returns the trained module of a checkpoint written by ``metaloop fit`` (see :func:`metaloop.lightning.runs.load_module`).
+
+        With constructor arguments in ``kwargs`` (a checkpoint of a module built in Python), Lightning's own loader.
+        """
+        if kwargs or hparams_file is not None:
+            if weights_only is False:
+                raise ValueError("weights_only=False would let the checkpoint run code; metaloop loads checkpoints with weights_only=True only")
+            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
+        from metaloop.lightning.runs import load_module
+
+        return load_module(checkpoint_path, map_location=map_location, strict=strict is not False, cls=cls)  # type: ignore[return-value]
+
     # -- hooks ------------------------------------------------------------------------------
     def inner_loss(self, fmodel: Callable[..., Tensor], support: Batch) -> Tensor:
         """Returns the loss the inner optimizer descends on one task's support set ``(x, y)``.

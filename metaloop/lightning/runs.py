@@ -1,0 +1,109 @@
+"""Trained runs load in one line: checkpoints carry the composed config, and the module is rebuilt from it.
+
+``metaloop fit`` adds :class:`SaveRunConfig`, which stores the run's resolved configuration as a YAML
+string under :data:`CONFIG_KEY` in every checkpoint (plain data: it loads with
+``torch.load(..., weights_only=True)``). :func:`load_module` rebuilds the module from that config
+with :func:`hydra.utils.instantiate` and loads the weights; ``MetaLightningModule.load_from_checkpoint(path)``
+and :func:`load_run` (a run folder) call it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metaloop.lightning.checkpoint import is_remote, load_checkpoint
+
+__all__ = ["CONFIG_KEY", "SaveRunConfig", "checkpoint_config", "load_module", "load_run"]
+
+CONFIG_KEY = "metaloop_config"
+
+
+class SaveRunConfig(lightning.Callback):
+    """Stores ``config`` (a resolved run configuration as YAML text) in every checkpoint the trainer saves."""
+
+    def __init__(self, config: str) -> None:
+        self.config = config
+
+    def on_save_checkpoint(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def _load(path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    """Returns the checkpoint at ``path`` (a file or an http(s) address), loaded without running code."""
+    if not is_remote(path) and not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file, e.g. RUN/checkpoints/last.ckpt")
+    return load_checkpoint(path if is_remote(path) else Path(path).expanduser(), map_location=map_location or "cpu")
+
+
+def checkpoint_config(path: str | Path) -> DictConfig:
+    """Returns the run configuration stored in the checkpoint at ``path`` (rebuild its tasks with ``instantiate(cfg.task.datamodule)``).
+
+    Raises:
+        ValueError: if the checkpoint was not written by ``metaloop fit`` (it holds no configuration).
+    """
+    return _config(_load(path), path)
+
+
+def _config(checkpoint: dict[str, Any], path: str | Path) -> DictConfig:
+    text = checkpoint.get(CONFIG_KEY)
+    if not isinstance(text, str):
+        raise ValueError(
+            f"checkpoint {path} holds no metaloop run configuration (it was not written by `metaloop fit`); pass the "
+            "module's constructor arguments instead: MetaLightningModule.load_from_checkpoint(path, model=..., "
+            "objective=..., inner_optim=..., outer_optim=...)"
+        )
+    config = OmegaConf.create(text)
+    assert isinstance(config, DictConfig)
+    return config
+
+
+def load_module(
+    path: str | Path, map_location: Any = None, strict: bool = True, cls: type[lightning.LightningModule] | None = None
+) -> lightning.LightningModule:
+    """Returns the trained module of a checkpoint written by ``metaloop fit``, in evaluation mode.
+
+    The module is built from the stored configuration's ``module`` node, then the checkpoint's weights
+    (initial weights, learned hyperparameters and transforms) are loaded into it.
+
+    Args:
+        path: the ``.ckpt`` file.
+        map_location: where tensors go (``torch.load``'s argument; default CPU).
+        strict: require the checkpoint's keys to match the module's exactly.
+        cls: the class the caller expects (``load_from_checkpoint``'s class); the stored module must be one.
+
+    Raises:
+        FileNotFoundError: for a missing file. ValueError: for a checkpoint without a configuration, or of another class.
+    """
+    from hydra.utils import instantiate
+
+    checkpoint = _load(path, map_location)
+    config = _config(checkpoint, path)
+    module = instantiate(config.module, _convert_="partial")
+    if cls is not None and not isinstance(module, cls):
+        raise ValueError(
+            f"checkpoint {path} holds a {type(module).__name__}, not a {cls.__name__}; load it with "
+            f"{type(module).__name__}.load_from_checkpoint"
+        )
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    if map_location is not None:
+        module.to(map_location)
+    return module.eval()
+
+
+def load_run(folder: str | Path, checkpoint: str = "last.ckpt", map_location: Any = None) -> lightning.LightningModule:
+    """Returns the trained module of the ``metaloop fit`` run in ``folder`` (its ``checkpoints/<checkpoint>``)."""
+    path = Path(folder).expanduser() / "checkpoints" / checkpoint
+    if not path.is_file():
+        present = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"{path} does not exist; {folder} is not a metaloop run folder or has no {checkpoint} "
+            f"(checkpoints there: {', '.join(present) or 'none'})"
+        )
+    return load_module(path, map_location=map_location)
