@@ -206,8 +206,9 @@ class CNN4Backbone(ConvBase):
 class CNN4(nn.Module):
     """Returns class logits of ``(n, channels, 84, 84)`` images: Ravi & Larochelle (2017)'s 4-layer conv net (``MiniImagenetCNN``).
 
-    ``embedding_size`` is the backbone's output size, ``25 * hidden_size`` for 84x84 inputs (5x5
-    maps); pass ``hidden_size * (S // 16) ** 2`` for other square sizes ``S`` (CIFAR-FS 32x32: 4 * hidden_size).
+    ``embedding_size`` is the backbone's output size: by default ``25 * hidden_size``, for 84x84
+    inputs (5x5 maps), or, given ``image_size`` S (a metaloop addition, for configs), the size for
+    S x S inputs with four layers, ``hidden_size * (S // 16) ** 2`` (CIFAR-FS's 32x32: ``4 * hidden_size``).
     """
 
     def __init__(
@@ -218,10 +219,16 @@ class CNN4(nn.Module):
         channels: int = 3,
         max_pool: bool = True,
         embedding_size: int | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_size("output_size", output_size)
         _check_size("layers", layers)
+        if image_size is not None:
+            if image_size < 16:
+                raise ValueError(f"image_size={image_size} is too small for four 2x2 poolings; use at least 16 (mini-ImageNet: 84)")
+            if embedding_size is None:
+                embedding_size = hidden_size * (image_size // 16) ** 2
         self.features = CNN4Backbone(
             hidden_size=hidden_size, channels=channels, max_pool=max_pool, layers=layers, max_pool_factor=4 // layers
         )

@@ -40,6 +40,7 @@ CASES = {
     "CNN4": (lambda: CNN4(5), (3, 3, 84, 84), (3, 5), CONV4_84 + 25 * 64 * 5 + 5),
     "CNN4Backbone": (lambda: CNN4Backbone(), (3, 3, 84, 84), (3, 1600), CONV4_84),
     "CNN4 32x32": (lambda: CNN4(5, hidden_size=32, embedding_size=128), (3, 3, 32, 32), (3, 5), None),
+    "CNN4 image_size=32": (lambda: CNN4(5, hidden_size=32, image_size=32), (3, 3, 32, 32), (3, 5), None),
     "ConvBase": (lambda: ConvBase(), (3, 1, 28, 28), (3, 64, 2, 2), None),
     "ResNet12": (lambda: ResNet12(5), (2, 3, 84, 84), (2, 5), 12_424_320 + 640 * 5 + 5),
     "ResNet12Backbone 16k": (lambda: ResNet12Backbone(avg_pool=False), (2, 3, 84, 84), (2, 16000), 12_424_320),
@@ -146,6 +147,7 @@ def test_an_inner_step_through_a_backbone_changes_its_predictions():
 
 @pytest.mark.parametrize("make, message", [
     (lambda: CNN4(0), "output_size=0"),
+    (lambda: CNN4(5, image_size=8), "image_size=8"),
     (lambda: OmniglotFC(784, 5, sizes=[]), "sizes=\\[\\]"),
     (lambda: WRN28Backbone(depth=27), "depth=27"),
     (lambda: ConvBase(layers=0), "layers=0"),
