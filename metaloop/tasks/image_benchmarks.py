@@ -43,10 +43,15 @@ MODES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 
 
 class SplitImages(NamedTuple):
-    """One split of a benchmark: ``images`` (a uint8 array ``(n, H, W, C)``, or one encoded image / file per sample) and each sample's class name."""
+    """One split of a benchmark: ``images`` (a uint8 array ``(n, H, W, C)``, or one encoded image / file per sample) and each sample's class name.
+
+    ``label_ids`` holds each sample's integer label where the files define one (tiered-ImageNet's
+    ``label_specific``, FC100's CIFAR-100 ids), else None.
+    """
 
     images: np.ndarray | list[bytes | Path]
     class_names: list[str]
+    label_ids: list[int] | None = None
 
 
 def decode_image(image: np.ndarray | bytes | Path, mode: str = "RGB") -> Image.Image:
@@ -124,7 +129,7 @@ def _read_tiered_imagenet(root: Path, split: str) -> SplitImages:
         raise _bad_file(labels_path, "a tiered-ImageNet labels pickle ({'label_specific': labels, ...})") from err
     if len(encoded) != len(names):
         raise _bad_file(images_path, f"the images of {labels_path.name}: it holds {len(encoded)} images for {len(names)} labels")
-    return SplitImages(encoded, names)
+    return SplitImages(encoded, names, specific)
 
 
 # -- CIFAR-FS (Bertinetto et al. 2019): cifar100.zip = cifar100/data/<class>/*.png + cifar100/splits/bertinetto/<split>.txt
@@ -189,12 +194,12 @@ def _read_fc100(root: Path, split: str) -> SplitImages:
             with zf.open(member) as f:
                 data = load_pickle(io.BytesIO(f.read()))
     try:
-        images, labels = data["data"], [str(int(label)) for label in data["labels"]]
+        images, labels = data["data"], [int(label) for label in data["labels"]]
     except (KeyError, TypeError, ValueError) as err:
         raise _bad_file(path, "an FC100 pickle ({'data': (n, 32, 32, 3) uint8, 'labels': [...]})") from err
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
         raise _bad_file(path, "an FC100 pickle: data must be (n, H, W, 3) uint8 with one label per image")
-    return SplitImages(images, labels)
+    return SplitImages(images, [str(label) for label in labels], labels)
 
 
 def _all_files(files: Callable[[str], list[str]]) -> Callable[[Path, str], bool]:

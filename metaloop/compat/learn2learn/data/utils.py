@@ -79,9 +79,8 @@ class OnDeviceDataset(TensorDataset):
         device: torch.device | str | None = None,
         transform: Callable[[Tensor], Any] | None = None,
     ) -> None:
-        tensors = getattr(dataset, "tensors", None)
-        if isinstance(tensors, tuple) and len(tensors) == 2:
-            data, labels = tensors[0], torch.as_tensor(tensors[1])
+        if type(dataset).__getitem__ is TensorDataset.__getitem__ and len(dataset.tensors) == 2:  # type: ignore[attr-defined]
+            data, labels = dataset.tensors  # type: ignore[attr-defined]  # items are exactly these rows: no need to read them
         else:
             pairs = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
             data = torch.stack([torch.as_tensor(x) for x, _ in pairs])
