@@ -19,9 +19,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
+import tarfile
 import urllib.request
 import zipfile
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,10 +35,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from metaloop.tasks.benchmark_splits import AIRCRAFT_SPLITS, CUB_SPLITS, DTD_SPLITS, FLOWERS_SPLITS
 from metaloop.tasks.episodes import SPLITS
 from metaloop.tasks.pickles import load_pickle
 
-__all__ = ["BENCHMARKS", "Benchmark", "FewShotImages", "SplitImages", "decode_image", "read_split"]
+__all__ = ["BENCHMARKS", "Benchmark", "FewShotImages", "SplitImages", "decode_image", "read_mat_array", "read_split"]
 
 DOWNLOAD_TIMEOUT_S = 15.0
 # learn2learn's split names -> metaloop's
@@ -46,20 +50,24 @@ class SplitImages(NamedTuple):
     """One split of a benchmark: ``images`` (a uint8 array ``(n, H, W, C)``, or one encoded image / file per sample) and each sample's class name.
 
     ``label_ids`` holds each sample's integer label where the files define one (tiered-ImageNet's
-    ``label_specific``, FC100's CIFAR-100 ids), else None.
+    ``label_specific``, FC100's CIFAR-100 ids), else None; ``boxes`` each image's bounding box
+    ``(left, top, right, bottom)`` where the dataset publishes them (CUB-200-2011, FGVC-Aircraft).
     """
 
     images: np.ndarray | list[bytes | Path]
     class_names: list[str]
     label_ids: list[int] | None = None
+    boxes: list[tuple[int, int, int, int]] | None = None
 
 
-def decode_image(image: np.ndarray | bytes | Path, mode: str = "RGB") -> Image.Image:
-    """Returns ``image`` (an ``(H, W, C)`` uint8 array, encoded PNG/JPEG bytes, or a file) as a PIL image in ``mode``."""
+def decode_image(image: np.ndarray | bytes | Path, mode: str = "RGB", box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Returns ``image`` (an ``(H, W, C)`` uint8 array, encoded PNG/JPEG bytes, or a file) as a PIL image in ``mode``, cropped to ``box`` if given."""
     if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert(mode)
-    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-        return opened.convert(mode)
+        pil = Image.fromarray(image).convert(mode)
+    else:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            pil = opened.convert(mode)
+    return pil.crop(box) if box is not None else pil
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class Benchmark:
     read: Callable[[Path, str], SplitImages]
     present: Callable[[Path, str], bool]  # (root, split) -> whether the split is there in a layout ``read`` accepts
     channels: int = 3
+    extract: bool = False  # downloads are archives to unpack where they land (then deleted)
 
 
 def _missing(benchmark: Benchmark, root: Path, split: str, path: Path) -> FileNotFoundError:
@@ -201,6 +210,126 @@ def _read_fc100(root: Path, split: str) -> SplitImages:
         raise _bad_file(path, "an FC100 pickle: data must be (n, H, W, 3) uint8 with one label per image")
     return SplitImages(images, [str(label) for label in labels], labels)
 
+# -- the Meta-Dataset fine-grained sets (class splits in metaloop.tasks.benchmark_splits), each a folder of JPEGs
+_META_SPLIT = {"train": "train", "val": "validation", "test": "test"}
+
+
+def _folder_classes(images: Path, classes: list[str], benchmark: str, root: Path, split: str) -> tuple[list[Path], list[str]]:
+    """Returns the image files of each class folder ``images/<class>`` (sorted) and their class names."""
+    if not images.is_dir():
+        raise _missing(BENCHMARKS[benchmark], root, split, images)
+    files: list[Path] = []
+    names: list[str] = []
+    for c in classes:
+        found = sorted(p for p in (images / c).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not found:
+            raise ValueError(f"{BENCHMARKS[benchmark].title} class folder {images / c} holds no images; the extracted archive is incomplete")
+        files += found
+        names += [c] * len(found)
+    return files, names
+
+
+def _read_cub(root: Path, split: str) -> SplitImages:
+    base = root / "cubirds200" / "CUB_200_2011"
+    files, names = _folder_classes(base / "images", CUB_SPLITS[_META_SPLIT[split]], "cub200", root, split)
+    boxes = None
+    if (base / "bounding_boxes.txt").exists() and (base / "images.txt").exists():
+        image_of = dict(line.split(" ", 1) for line in (base / "images.txt").read_text().split("\n") if line.strip())
+        by_path: dict[str, tuple[int, int, int, int]] = {}
+        for line in (base / "bounding_boxes.txt").read_text().split("\n"):
+            if line.strip():
+                image_id, x, y, w, h = line.split()
+                left, top = int(float(x)), int(float(y))
+                by_path[image_of[image_id].strip()] = (left, top, left + int(float(w)), top + int(float(h)))
+        boxes = [by_path.get(f"{f.parent.name}/{f.name}", (0, 0, 1 << 30, 1 << 30)) for f in files]
+    return SplitImages(list(files), names, None, boxes)
+
+
+def _read_dtd(root: Path, split: str) -> SplitImages:
+    files, names = _folder_classes(root / "describable_textures" / "dtd" / "images", DTD_SPLITS[_META_SPLIT[split]], "dtd", root, split)
+    return SplitImages(list(files), names)
+
+
+def _read_aircraft(root: Path, split: str) -> SplitImages:
+    data = root / "fgvc_aircraft" / "fgvc-aircraft-2013b" / "data"
+    if not (data / "images").is_dir():
+        raise _missing(BENCHMARKS["fgvc-aircraft"], root, split, data / "images")
+    variant_of: dict[str, str] = {}
+    for family in ("images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt"):
+        if not (data / family).exists():
+            raise _missing(BENCHMARKS["fgvc-aircraft"], root, split, data / family)
+        for line in (data / family).read_text().split("\n"):
+            if line.strip():
+                image, variant = line.split(" ", 1)
+                variant_of[image.strip()] = variant.strip()
+    chosen = set(AIRCRAFT_SPLITS[_META_SPLIT[split]])
+    images = sorted(image for image, variant in variant_of.items() if variant in chosen)
+    boxes = None
+    if (data / "images_box.txt").exists():
+        box_of = {}
+        for line in (data / "images_box.txt").read_text().split("\n"):
+            if line.strip():
+                image, *corners = line.split()
+                box_of[image] = tuple(int(c) for c in corners)
+        boxes = [box_of[image] for image in images]  # type: ignore[misc]
+    return SplitImages([data / "images" / f"{image}.jpg" for image in images], [variant_of[image] for image in images], None, boxes)
+
+
+def _read_flowers(root: Path, split: str) -> SplitImages:
+    folder = root / "vgg_flower102"
+    labels_path = folder / "imagelabels.mat"
+    if not labels_path.exists() or not (folder / "jpg").is_dir():
+        raise _missing(BENCHMARKS["vgg-flowers"], root, split, labels_path if not labels_path.exists() else folder / "jpg")
+    labels = read_mat_array(labels_path, "labels").reshape(-1).astype(int)
+    chosen = set(FLOWERS_SPLITS[_META_SPLIT[split]])
+    picked = [(i, int(label)) for i, label in enumerate(labels, start=1) if label in chosen]
+    return SplitImages([folder / "jpg" / f"image_{i:05d}.jpg" for i, _ in picked], [str(label) for _, label in picked], [label for _, label in picked])
+
+
+# MATLAB level-5 MAT-files: the data types a numeric array uses (MATLAB's miINT8 ... miUINT64)
+_MAT_TYPES = {1: "i1", 2: "u1", 3: "<i2", 4: "<u2", 5: "<i4", 6: "<u4", 7: "<f4", 9: "<f8", 12: "<i8", 13: "<u8"}
+
+
+def _mat_elements(buffer: bytes) -> Iterator[tuple[int, bytes]]:
+    """Yields ``(data type, payload)`` of the data elements in ``buffer`` (little-endian level-5 MAT-file layout)."""
+    offset = 0
+    while offset + 8 <= len(buffer):
+        kind, size = struct.unpack_from("<II", buffer, offset)
+        if kind >> 16:  # small data element: size in the upper half, payload in the next 4 bytes
+            yield kind & 0xFFFF, buffer[offset + 4 : offset + 4 + (kind >> 16)]
+            offset += 8
+        else:
+            yield kind, buffer[offset + 8 : offset + 8 + size]
+            offset += 8 + size + (-size % 8 if kind != 15 else 0)
+
+
+def read_mat_array(path: Path, name: str) -> np.ndarray:
+    """Returns the numeric array ``name`` of a MATLAB level-5 MAT-file (compressed or not), as the MAT-file stores it.
+
+    Raises:
+        ValueError: the file is not a little-endian level-5 MAT-file, or has no numeric array ``name``.
+    """
+    raw = path.read_bytes()
+    if len(raw) < 128 or raw[126:128] != b"IM":
+        raise _bad_file(path, "a MATLAB level-5 MAT-file (little-endian)")
+    pending = list(_mat_elements(raw[128:]))
+    while pending:
+        kind, payload = pending.pop(0)
+        if kind == 15:  # miCOMPRESSED: a zlib stream holding more elements
+            pending += list(_mat_elements(zlib.decompress(payload)))
+            continue
+        if kind != 14:  # only miMATRIX elements hold variables
+            continue
+        parts = list(_mat_elements(payload))
+        if len(parts) < 4:
+            continue
+        dims = np.frombuffer(parts[1][1], dtype="<i4")
+        if parts[2][1].decode("latin1") != name or parts[3][0] not in _MAT_TYPES:
+            continue
+        values = np.frombuffer(parts[3][1], dtype=_MAT_TYPES[parts[3][0]])
+        return values.reshape(tuple(dims), order="F")
+    raise _bad_file(path, f"a MAT-file with a numeric array {name!r}")
+
 
 def _all_files(files: Callable[[str], list[str]]) -> Callable[[Path, str], bool]:
     return lambda root, split: all((root / f).exists() for f in files(split))
@@ -249,6 +378,45 @@ BENCHMARKS: dict[str, Benchmark] = {
         _read_fc100,
         _fc100_present,
     ),
+    "cub200": Benchmark(
+        "CUB-200-2011",
+        lambda split: ["cubirds200/CUB_200_2011/images/<class>/*.jpg"],
+        "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz (extract it into root/cubirds200/)",
+        lambda split: {"cubirds200/CUB_200_2011.tgz": "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz"},
+        _read_cub,
+        lambda root, split: (root / "cubirds200" / "CUB_200_2011" / "images").is_dir(),
+        extract=True,
+    ),
+    "dtd": Benchmark(
+        "Describable Textures",
+        lambda split: ["describable_textures/dtd/images/<class>/*.jpg"],
+        "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz (extract it into root/describable_textures/)",
+        lambda split: {"describable_textures/dtd-r1.0.1.tar.gz": "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"},
+        _read_dtd,
+        lambda root, split: (root / "describable_textures" / "dtd" / "images").is_dir(),
+        extract=True,
+    ),
+    "fgvc-aircraft": Benchmark(
+        "FGVC-Aircraft",
+        lambda split: ["fgvc_aircraft/fgvc-aircraft-2013b/data/images/*.jpg", "fgvc_aircraft/fgvc-aircraft-2013b/data/images_variant_{train,val,test}.txt"],
+        "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz (extract it into root/fgvc_aircraft/)",
+        lambda split: {"fgvc_aircraft/fgvc-aircraft-2013b.tar.gz": "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"},
+        _read_aircraft,
+        lambda root, split: (root / "fgvc_aircraft" / "fgvc-aircraft-2013b" / "data" / "images").is_dir(),
+        extract=True,
+    ),
+    "vgg-flowers": Benchmark(
+        "VGG Flowers 102",
+        lambda split: ["vgg_flower102/jpg/image_NNNNN.jpg", "vgg_flower102/imagelabels.mat"],
+        "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, extracted into root/vgg_flower102/, and imagelabels.mat beside it)",
+        lambda split: {
+            "vgg_flower102/102flowers.tgz": "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",
+            "vgg_flower102/imagelabels.mat": "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat",
+        },
+        _read_flowers,
+        lambda root, split: (root / "vgg_flower102" / "imagelabels.mat").exists() and (root / "vgg_flower102" / "jpg").is_dir(),
+        extract=True,
+    ),
 }
 
 
@@ -271,6 +439,10 @@ def _download(benchmark: Benchmark, root: Path, split: str) -> None:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
                 shutil.copyfileobj(response, f)
             os.replace(partial, target)
+            if benchmark.extract and target.name.endswith((".tgz", ".tar.gz")):
+                with tarfile.open(target) as archive:
+                    archive.extractall(target.parent, filter="data")  # "data": no paths outside the folder, no links out, no devices
+                target.unlink()
         except OSError as err:  # URLError, timeouts and refused connections are all OSErrors
             raise FileNotFoundError(
                 f"could not download {url} ({err}); without network access fetch {', '.join(benchmark.files(split))}"

@@ -220,3 +220,49 @@ def test_unknown_taskset_and_missing_files(tmp_path):
         vision.benchmarks.get_tasksets("fc100", root=tmp_path, download=False)
     with pytest.raises(ValueError, match="data_augmentation='jitter'"):
         vision.benchmarks.get_tasksets("mini-imagenet", root=tmp_path, data_augmentation="jitter")
+
+
+# -- the fine-grained datasets --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fine_root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fine")
+    for write in fewshot_data.FINE_GRAINED.values():
+        write(folder, 2)
+    return folder
+
+
+@pytest.mark.parametrize("cls, sizes", [
+    ("CUBirds200", {"train": 140, "validation": 30, "test": 30, "all": 200}),
+    ("DescribableTextures", {"train": 33, "validation": 7, "test": 7, "all": 47}),
+    ("FGVCAircraft", {"train": 70, "validation": 15, "test": 15, "all": 100}),
+    ("VGGFlower102", {"train": 71, "validation": 15, "test": 16, "all": 102}),
+])
+def test_fine_grained_modes_and_labels(cls, sizes, fine_root):
+    for mode, classes in sizes.items():
+        ds = getattr(vision.datasets, cls)(fine_root, mode=mode, transform=ToTensor())
+        assert sorted(set(ds.targets)) == list(range(classes))
+        x, y = ds[0]
+        assert x.shape == (3, 30, 40) and isinstance(y, int)
+    with pytest.raises(ValueError, match="mode='val'"):
+        getattr(vision.datasets, cls)(fine_root, mode="val")
+
+
+def test_cub_duplicates_and_crops(fine_root):
+    without = vision.datasets.CUBirds200(fine_root, mode="train")
+    with_duplicates = vision.datasets.CUBirds200(fine_root, mode="train", include_imagenet_duplicates=True)
+    assert len(with_duplicates) == len(without) + 1 == 280
+    cropped = vision.datasets.CUBirds200(fine_root, mode="test", bounding_box_crop=True)
+    assert cropped[0][0].size == (20, 10)
+    assert vision.datasets.FGVCAircraft(fine_root, mode="test", bounding_box_crop=True)[0][0].size == (29, 18)
+
+
+def test_flower_labels_follow_meta_datasets_category_order(fine_root):
+    from metaloop.tasks.benchmark_splits import FLOWERS_SPLITS
+    from metaloop.tasks.image_benchmarks import read_mat_array
+
+    labels = read_mat_array(fine_root / "vgg_flower102" / "imagelabels.mat", "labels").reshape(-1).astype(int)
+    ds = vision.datasets.VGGFlower102(fine_root, mode="test")
+    test_images = [i for i, label in enumerate(labels) if label in FLOWERS_SPLITS["test"]]
+    assert ds.targets == [FLOWERS_SPLITS["test"].index(labels[i]) for i in test_images]
+    everything = vision.datasets.VGGFlower102(fine_root, mode="all")
+    assert everything.targets == [int(label) - 1 for label in labels]

@@ -34,7 +34,7 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+@pytest.mark.parametrize("name", sorted(SIZES))
 @pytest.mark.parametrize("split, classes", [("train", 6), ("validation", 5), ("val", 5), ("test", 5)])
 def test_each_split_reads_its_classes_and_images(name, split, classes, files):
     part = read_split(name, files, split)
@@ -165,3 +165,89 @@ def test_unknown_benchmark_and_split():
         read_split("imagenet", "/tmp", "train")
     with pytest.raises(ValueError, match="split='dev'"):
         read_split("fc100", "/tmp", "dev")
+
+
+# -- the fine-grained sets: fixed Meta-Dataset class lists ----------------------------------------
+FINE = {"cub200": (140, 30, 30), "dtd": (33, 7, 7), "fgvc-aircraft": (70, 15, 15), "vgg-flowers": (71, 15, 16)}
+
+
+@pytest.fixture(scope="module")
+def fine_files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fine")
+    for write in fewshot_data.FINE_GRAINED.values():
+        write(root, 2)
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(FINE))
+def test_fine_grained_splits_have_meta_datasets_classes(name, fine_files):
+    counts = [len(set(read_split(name, fine_files, split).class_names)) for split in ("train", "validation", "test")]
+    assert tuple(counts) == FINE[name]
+    part = read_split(name, fine_files, "test")
+    assert image_benchmarks.decode_image(part.images[0]).size == (40, 30)
+
+
+def test_fine_grained_images_need_an_image_size_in_memory(fine_files):
+    with pytest.raises(ValueError, match="pass image_size"):
+        from PIL import Image
+        first = read_split("dtd", fine_files, "test").images[0]
+        Image.open(first).resize((41, 30)).save(first)  # one image of another size
+        FewShotImages("dtd", fine_files, splits=["test"])
+    data = FewShotImages("dtd", fine_files, splits=["test"], image_size=24)
+    assert data.images.shape == (14, 3, 24, 24)
+
+
+def test_boxes_come_with_cub_and_aircraft(fine_files):
+    cub = read_split("cub200", fine_files, "validation")
+    assert cub.boxes is not None and cub.boxes[0] == (2, 3, 22, 13)
+    aircraft = read_split("fgvc-aircraft", fine_files, "train")
+    assert aircraft.boxes is not None and aircraft.boxes[0] == (1, 2, 30, 20)
+    assert image_benchmarks.decode_image(aircraft.images[0], box=aircraft.boxes[0]).size == (29, 18)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mat_files_read_as_matlab_stores_them(compress, tmp_path):
+    values = np.arange(12, dtype=float).reshape(3, 4)
+    fewshot_data.write_mat(tmp_path / "a.mat", "labels", values, compress=compress)
+    assert np.array_equal(image_benchmarks.read_mat_array(tmp_path / "a.mat", "labels"), values)
+    with pytest.raises(ValueError, match="numeric array 'other'"):
+        image_benchmarks.read_mat_array(tmp_path / "a.mat", "other")
+    (tmp_path / "b.mat").write_bytes(b"not a mat file")
+    with pytest.raises(ValueError, match="level-5 MAT-file"):
+        image_benchmarks.read_mat_array(tmp_path / "b.mat", "labels")
+
+
+@pytest.mark.parametrize("name, missing", [
+    ("cub200", "CUB_200_2011.tgz"), ("dtd", "dtd-r1.0.1.tar.gz"), ("fgvc-aircraft", "fgvc-aircraft-2013b.tar.gz"), ("vgg-flowers", "102flowers.tgz"),
+])
+def test_fine_grained_missing_files_name_the_archive(name, missing, tmp_path):
+    with pytest.raises(FileNotFoundError, match=missing):
+        read_split(name, tmp_path, "train")
+
+
+def test_downloaded_archives_are_unpacked_safely(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for c in ("a", "b"):
+            data = b"x"
+            info = tarfile.TarInfo(f"dtd/images/{c}/1.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        evil = tarfile.TarInfo("../../escaped.txt")
+        evil.size = 1
+        tar.addfile(evil, io.BytesIO(b"!"))
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(archive.getvalue()))
+    with pytest.raises(Exception, match="outside|escaped"):
+        read_split("dtd", tmp_path / "root", "train", download=True)
+    assert not (tmp_path / "escaped.txt").exists()
