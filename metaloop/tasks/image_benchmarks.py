@@ -1,7 +1,9 @@
-"""Readers of the few-shot image benchmarks' published files: mini-ImageNet, tiered-ImageNet, CIFAR-FS, FC100.
+"""Readers of the few-shot image benchmarks' published files: mini-ImageNet, tiered-ImageNet, CIFAR-FS, FC100, CUB-200-2011, DTD, FGVC-Aircraft, VGG Flowers.
 
 Each benchmark is published as files that learn2learn (and the papers' code) read: pickles of
-arrays, pickles of PNG bytes, or folders of PNGs with split lists. :func:`read_split` reads one
+arrays, pickles of PNG bytes, folders of PNGs with split lists, or (the fine-grained sets, split
+by class as Meta-Dataset does, :mod:`metaloop.tasks.benchmark_splits`) folders of JPEGs with
+label files. :func:`read_split` reads one
 split of one benchmark into a :class:`SplitImages` (images and the class name of each), and
 :class:`FewShotImages` holds all splits of a benchmark in memory as uint8 tensors for
 :class:`~metaloop.tasks.EpisodeSampler` (``split_by="split"`` keeps the benchmark's class splits).

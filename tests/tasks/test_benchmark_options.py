@@ -25,6 +25,7 @@ fewshot_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fewshot_data)
 
 TASKS = {"mini_imagenet": "mini-imagenet", "tiered_imagenet": "tiered-imagenet", "cifarfs": "cifarfs", "fc100": "fc100"}
+FINE = {"cub200": (140, 30, 30), "dtd": (33, 7, 7), "fgvc_aircraft": (70, 15, 15), "vgg_flowers": (71, 15, 16)}
 ONE_STEP = [
     "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.log_every_n_steps=1",
     "task.meta_batch_size=2", "task.eval_meta_batch_size=2", "task.num_val_tasks=2", "task.num_test_tasks=2",
@@ -41,7 +42,7 @@ def files(tmp_path_factory) -> Path:
 
 
 def test_each_new_option_exists():
-    for group, options in {"task": TASKS, "model": ["cnn4", "resnet12", "wrn28"]}.items():
+    for group, options in {"task": [*TASKS, *FINE], "model": ["cnn4", "resnet12", "wrn28"]}.items():
         for option in options:
             assert (config_dir() / group / f"{option}.yaml").exists()
 
@@ -60,10 +61,32 @@ def test_task_option_builds_its_benchmark_sampler(task, files):
     assert model(task_batch.support_x).shape == (5, 5)
 
 
+@pytest.fixture(scope="module")
+def fine_files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fine")
+    for write in fewshot_data.FINE_GRAINED.values():
+        write(root, 2)
+    return root
+
+
+@pytest.mark.parametrize("task", sorted(FINE))
+def test_fine_grained_task_option_builds_its_sampler_and_trains_one_step(task, fine_files, tmp_path, monkeypatch):
+    small = [f"task.root={fine_files}", "task.k_queries=1", "task.image_size=32"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"task={task}", "model=cnn4", *small])
+    sampler = instantiate(cfg.task.datamodule).tasks
+    assert tuple(sampler.num_classes(s) for s in ("train", "val", "test")) == FINE[task]
+    assert sampler("val", torch.Generator().manual_seed(0)).support_x.shape == (5, 3, 32, 32)
+    if task == "dtd":  # one of them through a whole fit
+        monkeypatch.chdir(tmp_path)
+        metrics = run_one_step(tmp_path, f"task={task}", "model=cnn4", *small)
+        assert math.isfinite(metrics["train/loss"])
+
+
 def run_one_step(tmp_path: Path, *overrides: str) -> dict[str, float]:
     run = tmp_path / "run"
     try:
-        main(["fit", *overrides, *ONE_STEP, f"hydra.run.dir={run}"])
+        main(["fit", *ONE_STEP, *overrides, f"hydra.run.dir={run}"])  # overrides last: they win
     except SystemExit as exit:
         pytest.fail(f"metaloop fit {' '.join(overrides)} exited with {exit.code!r}")
     values: dict[str, float] = {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,12 +58,12 @@ _ZENODO = "https://zenodo.org/record/5651278/files"
 _DOWNLOAD_TIMEOUT_S = 15.0
 
 
-def _backbone(model: str) -> nn.Module:
-    if model == "cnn4":
-        return CNN4Backbone(channels=3, max_pool=True)
-    if model == "resnet12":
-        return ResNet12Backbone(avg_pool=False)
-    return WRN28Backbone()
+# the backbone each published file holds, as learn2learn builds it
+_ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "cnn4": lambda: CNN4Backbone(channels=3, max_pool=True),
+    "resnet12": lambda: ResNet12Backbone(avg_pool=False),
+    "wrn28": WRN28Backbone,
+}
 
 
 def get_pretrained_backbone(
@@ -86,8 +88,6 @@ def get_pretrained_backbone(
     url = f"{_ZENODO}/{_BACKBONES[dataset, model]}"
     if not destination.exists():
         if download:
-            import urllib.request
-
             destination.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
@@ -97,6 +97,6 @@ def get_pretrained_backbone(
                 raise FileNotFoundError(f"could not download {url} ({err}); fetch it by hand and save it as {destination}") from err
         else:
             raise FileNotFoundError(f"pretrained weights {destination} not found; pass download=True, or fetch {url} and save it there")
-    backbone = _backbone(model)
+    backbone = _ARCHITECTURES[model]()
     backbone.load_state_dict(torch.load(destination, map_location="cpu", weights_only=True))
     return backbone
