@@ -442,9 +442,13 @@ def _download(benchmark: Benchmark, root: Path, split: str) -> None:
                 shutil.copyfileobj(response, f)
             os.replace(partial, target)
             if benchmark.extract and target.name.endswith((".tgz", ".tar.gz")):
-                with tarfile.open(target) as archive:
-                    archive.extractall(target.parent, filter="data")  # "data": no paths outside the folder, no links out, no devices
-                target.unlink()
+                try:
+                    with tarfile.open(target) as archive:
+                        archive.extractall(target.parent, filter="data")  # "data": no paths outside the folder, no links out, no devices
+                except tarfile.TarError as err:
+                    raise ValueError(f"{url} is not a safe tar archive ({err}); nothing outside {target.parent} was written") from err
+                finally:
+                    target.unlink()
         except OSError as err:  # URLError, timeouts and refused connections are all OSErrors
             raise FileNotFoundError(
                 f"could not download {url} ({err}); without network access fetch {', '.join(benchmark.files(split))}"

@@ -248,6 +248,7 @@ def test_downloaded_archives_are_unpacked_safely(tmp_path, monkeypatch):
             return False
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(archive.getvalue()))
-    with pytest.raises(Exception, match="outside|escaped"):
+    with pytest.raises(ValueError, match="not a safe tar archive"):
         read_split("dtd", tmp_path / "root", "train", download=True)
     assert not (tmp_path / "escaped.txt").exists()
+    assert not (tmp_path / "root" / "describable_textures" / "dtd-r1.0.1.tar.gz").exists()
