@@ -254,10 +254,11 @@ class DropBlock(nn.Module):
         _check_size("block_size", block_size)
         self.block_size = block_size
 
-    def forward(self, x: Tensor, gamma: float) -> Tensor:
+    def forward(self, x: Tensor, gamma: float, block_size: int | None = None) -> Tensor:
+        """``block_size`` overrides the module's square size for this call."""
         if not self.training:
             return x
-        size = self.block_size
+        size = block_size or self.block_size
         n, c, h, w = x.shape
         corners = torch.bernoulli(torch.full((n, c, h - size + 1, w - size + 1), gamma, device=x.device, dtype=x.dtype))
         # a corner at (i, j) zeroes rows i..i+size-1 and columns j..j+size-1: position p is dropped if a corner lies in p-size+1..p
@@ -306,11 +307,13 @@ class _ResidualBlock(nn.Module):
             return out
         if not self.drop_block:
             return F.dropout(out, p=self.drop_rate, training=self.training)
-        # the drop rate ramps up linearly over 40,000 forward passes; gamma makes the dropped fraction 1 - keep_rate
+        # the drop rate ramps up linearly over 40,000 forward passes; gamma makes the dropped fraction 1 - keep_rate.
+        # Squares larger than the feature map (inputs under 84x84) shrink to it, where the original code divides by zero.
         keep_rate = max(1.0 - self.drop_rate / 40000 * self.num_batches_tracked, 1.0 - self.drop_rate)
         size = out.shape[2]
-        gamma = (1 - keep_rate) / self.block_size**2 * size**2 / (size - self.block_size + 1) ** 2
-        return self.DropBlock(out, gamma=gamma)
+        block = min(self.block_size, size)
+        gamma = (1 - keep_rate) / block**2 * size**2 / (size - block + 1) ** 2
+        return self.DropBlock(out, gamma=gamma, block_size=block)
 
 
 class ResNet12Backbone(nn.Module):

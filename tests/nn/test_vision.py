@@ -130,6 +130,13 @@ def test_resnet12_dropout_only_in_training():
         assert not torch.equal(model(x), model(x))
 
 
+def test_resnet12_trains_on_images_smaller_than_its_dropblock_expects():
+    torch.manual_seed(0)
+    model = ResNet12(2, avg_pool=False, hidden_size=640 * 2 * 2, dropblock_dropout=0.5).train()
+    y = model(torch.rand(2, 3, 32, 32))  # stage 3 maps are 4x4, below the 5x5 squares
+    assert y.shape == (2, 2) and torch.isfinite(y).all()
+
+
 def test_an_inner_step_through_a_backbone_changes_its_predictions():
     """The models are plain modules: functional_call with adapted parameters works, with second-order gradients."""
     torch.manual_seed(0)

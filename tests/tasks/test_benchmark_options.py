@@ -103,10 +103,14 @@ def test_each_task_option_trains_one_step_with_cnn4(task, files, tmp_path, monke
     assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["test/acc_post"] <= 1.0
 
 
+# small images keep these quick on CPUs: WRN-28-10 pools adaptively; ResNet-12 keeps its 2x2 maps (4 x 640 features)
 @pytest.mark.slow
-@pytest.mark.parametrize("model, size", [("resnet12", 84), ("wrn28", 32)])  # WRN-28-10 pools adaptively: 32x32 keeps it quick on CPUs
-def test_each_model_option_trains_one_step_on_mini_imagenet(model, size, files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, extra", [
+    ("resnet12", ["task.image_size=32", "model.avg_pool=false", "model.hidden_size=2560"]),
+    ("wrn28", ["task.image_size=16"]),
+])
+def test_each_model_option_trains_one_step_on_mini_imagenet(model, extra, files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     metrics = run_one_step(tmp_path, "task=mini_imagenet", f"model={model}", f"task.root={files}", "task.n_ways=2",
-                           f"task.image_size={size}", "inner.first_order=true")
+                           "inner.first_order=true", "task.k_queries=1", *extra)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["test/loss_post"])
