@@ -1,4 +1,4 @@
-"""Neural-network building blocks for learned update rules: Kronecker-factored linear maps.
+"""Neural-network building blocks: Kronecker-factored linear maps for learned update rules, and few-shot vision backbones.
 
 Imports only torch. :mod:`metaloop.transforms` builds gradient transforms from these.
 """
@@ -13,4 +13,43 @@ from metaloop.nn.kronecker import (
     kronecker_matvec,
 )
 
-__all__ = ["kronecker_matvec", "KroneckerLinear", "KroneckerConv2d", "KroneckerRNN", "KroneckerLSTM"]
+from metaloop.nn.vision import (
+    CNN4,
+    WRN28,
+    CNN4Backbone,
+    ConvBase,
+    ConvBlock,
+    DropBlock,
+    LinearBlock,
+    MiniImagenetCNN,
+    OmniglotCNN,
+    OmniglotFC,
+    ResNet12,
+    ResNet12Backbone,
+    WRN28Backbone,
+    fc_init_,
+    maml_init_,
+)
+
+__all__ = [
+    "kronecker_matvec",
+    "KroneckerLinear",
+    "KroneckerConv2d",
+    "KroneckerRNN",
+    "KroneckerLSTM",
+    "maml_init_",
+    "fc_init_",
+    "LinearBlock",
+    "ConvBlock",
+    "ConvBase",
+    "OmniglotFC",
+    "OmniglotCNN",
+    "CNN4Backbone",
+    "CNN4",
+    "MiniImagenetCNN",
+    "DropBlock",
+    "ResNet12Backbone",
+    "ResNet12",
+    "WRN28Backbone",
+    "WRN28",
+]

@@ -1,4 +1,4 @@
-"""Tasks for meta-learning, independent of Lightning: episodic samplers, Omniglot, sinusoid regression.
+"""Tasks for meta-learning, independent of Lightning: episodic samplers, Omniglot, the few-shot image benchmarks, sinusoid regression.
 
 A task source is any callable ``source(split, generator) -> Task`` (:class:`TaskSource`);
 :func:`sample_meta_batch`, :class:`TaskStream` and :class:`TaskList` turn one into reproducible
@@ -21,11 +21,17 @@ from metaloop.tasks.episodes import (
     stack_tasks,
     task_seed,
 )
+from metaloop.tasks.image_benchmarks import BENCHMARKS, FewShotImages, read_split
 from metaloop.tasks.omniglot import Omniglot
+from metaloop.tasks.pickles import load_pickle
 from metaloop.tasks.sinusoid import SinusoidTasks
 
 __all__ = [
+    "BENCHMARKS",
     "SPLITS",
+    "FewShotImages",
+    "load_pickle",
+    "read_split",
     "EpisodeSampler",
     "Omniglot",
     "SinusoidTasks",
