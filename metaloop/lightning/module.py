@@ -288,7 +288,7 @@ class MetaLightningModule(lightning.LightningModule):
         """
         if kwargs or hparams_file is not None:
             if weights_only is False:
-                raise ValueError("weights_only=False would let the checkpoint run code; metaloop loads checkpoints with weights_only=True only")
+                raise ValueError("weights_only must stay True: an unrestricted load would let the checkpoint run code")
             return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
         from metaloop.lightning.runs import load_module
 

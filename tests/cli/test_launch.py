@@ -43,7 +43,7 @@ def test_evaluation_sets_smaller_than_one_meta_batch_per_rank_are_refused(tmp_pa
     assert _no_run(tmp_path / "run")
     # the test set is checked too, and validate checks only the validation set
     assert "task.num_test_tasks=2" in cli_error("fit", *SINE, *DDP_CPU, "task.num_val_tasks=4")
-    assert "task.num_val_tasks=1" in cli_error("validate", *SINE, *DDP_CPU, "task.num_val_tasks=1", "task.num_test_tasks=1")
+    assert "task.num_val_tasks=1" in cli_error("validate", *SINE, *DDP_CPU, "task.num_val_tasks=1", "task.num_test_tasks=1", "ckpt_path=none")
 
 
 def test_a_sweep_with_a_bad_evaluation_set_stops_before_any_job(tmp_path):

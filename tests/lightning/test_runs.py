@@ -61,7 +61,9 @@ def test_a_checkpoint_without_config_says_how_to_load_it(tmp_path):
     from hydra.utils import instantiate
 
     built = instantiate({"_target_": "builtins.dict", **args}, _convert_="partial")
-    loaded = MetaLightningModule.load_from_checkpoint(path, weights_only=False, **built)
+    with pytest.raises(ValueError, match="weights_only must stay True"):
+        MetaLightningModule.load_from_checkpoint(path, weights_only=False, **built)
+    loaded = MetaLightningModule.load_from_checkpoint(path, **built)
     assert torch.equal(loaded.model.head.weight, trained.model.head.weight)
 
 
