@@ -95,7 +95,7 @@ def test_every_recipe_trains_a_few_meta_steps_and_tests(recipe, tmp_path):
     assert state["global_step"] == 2
     keys = state["state_dict"].keys()
     assert any(k.startswith("learned.lr/") for k in keys) == ("metasgd" in recipe)
-    assert any(k.startswith("transforms.") for k in keys) == ("metacurvature" in recipe)
+    assert any(k.startswith("inner_modules.transform.") for k in keys) == ("metacurvature" in recipe)
 
 
 def test_validate_and_test_from_a_checkpoint_reproduce_the_fit_results(tmp_path):

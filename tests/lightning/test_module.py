@@ -313,3 +313,20 @@ def test_check_task_rejects_models_and_objectives_that_do_not_fit():
     with pytest.raises(ValueError, match=r"set the model's out_features to 7"):
         conv_module(n_ways=5).check_task(Task(*(f[0] for f in image_tasks(7).batch("train", [torch.Generator()]))))
     conv_module(n_ways=5).check_task(Task(*(f[0] for f in image_tasks(7).batch("val", [torch.Generator()]))), "test")
+
+
+def test_training_metrics_reuse_the_query_forward_of_the_loss():
+    """One forward of the query set per task in training: the metrics see the output the loss saw."""
+    module = sinusoid_module(batch_tasks="sequential")
+    calls = []
+    forward = module.model.forward
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return forward(x)
+
+    module.model.forward = counting
+    batch = sinusoid_batch(2, k=5)
+    loss, metrics = module.meta_gradient(batch)
+    assert len(calls) == 2 * (module.inner_steps + 1)  # per task: one forward per inner step, one of the query set
+    torch.testing.assert_close(metrics["loss"], loss)

@@ -39,7 +39,7 @@ def test_sinusoid(tmp_path):
     # Values after two meta-steps are not results (those are in the benchmarks and reports): check the form only.
     for row in rows:
         for cell in row[3:5]:
-            assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cell), cell
+            assert re.fullmatch(r"\d+\.\d+ ± \d+\.\d+", cell), cell
             assert float(cell.split(" ± ")[0]) > 0
 
 
