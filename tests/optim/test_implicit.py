@@ -234,3 +234,15 @@ def test_bad_options_raise_one_clear_error(options, message):
 def test_custom_root_checks_the_solver_when_decorating():
     with pytest.raises(ValueError, match="solver='gmres' is not one of"):
         custom_root(lambda s, m: s, solve="gmres")
+
+
+def test_the_graph_does_not_grow_with_inner_steps():
+    """The adapted weights hang on one implicit node over the initial weights, however many steps the inner loop took."""
+    x, y, _, _ = ridge_data()
+    rule, hparams = sgd()
+    theta = torch.zeros(DIM, requires_grad=True)
+    for steps in (1, 10, 100):
+        phi = implicit_inner_loop(support_loss(x, y), {"w": theta}, rule=rule, hparams=hparams, steps=steps)
+        node = phi["w"].grad_fn
+        assert type(node).__name__ == "_ImplicitSolutionBackward"
+        assert [type(n).__name__ for n, _ in node.next_functions if n is not None] == ["AccumulateGrad"]
