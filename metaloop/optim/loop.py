@@ -61,8 +61,8 @@ def inner_loop(
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0")
-    # without a graph no step is tracked (truncation_start still checks truncate)
-    tracked_from = truncation_start(steps, truncate) if create_graph else min(truncation_start(steps, truncate), 0)
+    start = truncation_start(steps, truncate)  # checked even without a graph, where no step is tracked
+    tracked_from = start if create_graph else 0
     names = list(weights)
     if set(hparams) != set(names):
         missing, extra = sorted(set(names) - set(hparams)), sorted(set(hparams) - set(names))
