@@ -30,7 +30,8 @@ from metaloop.lightning.metrics import MeanWithConfidence
 from metaloop.lightning.objectives import Objective
 from metaloop.optim import Rule, get_rule
 from metaloop.optim.hyperparams import per_parameter
-from metaloop.optim.loop import inner_loop, vmap_problems
+from metaloop.optim.implicit import ImplicitOptions, implicit_inner_loop
+from metaloop.optim.loop import inner_loop, truncation_start, vmap_problems
 from metaloop.tasks import Task, sample_task
 from metaloop.utils import _recursive_map
 
@@ -40,6 +41,7 @@ Batch = tuple[Tensor, Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 BatchTasks = Literal["auto", "vmap", "sequential"]
+MetaGrad = Literal["unrolled", "truncated", "implicit"]
 
 _STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
 
@@ -112,10 +114,24 @@ class MetaLightningModule(lightning.LightningModule):
             under DDP only the last task's backward synchronises). ``"auto"``: sequential for models
             with buffers or convolutions (vmap is slower for conv nets on CPU), vmap otherwise.
         head: name of the classifier module, re-created for :meth:`adapt` with another ``n_ways``.
+        meta_grad: how the meta-gradient goes through the inner loop. ``"unrolled"``: through every
+            inner step. ``"truncated"``: through the last ``truncate`` steps only (the earlier ones
+            count as first-order; memory grows with ``truncate``, not ``inner_steps``; see
+            :func:`metaloop.optim.loop.truncation_start`). ``"implicit"``: iMAML (Rajeswaran et al.
+            2019): the inner loop descends the support loss plus ``lam/2 ||phi - theta||^2``, in
+            training and evaluation, and the meta-gradient comes from the implicit function
+            theorem (memory flat in ``inner_steps``; see :func:`metaloop.optim.implicit.implicit_inner_loop`).
+        truncate: the number of last inner steps backpropagated with ``meta_grad="truncated"``
+            (``1..inner_steps``).
+        implicit: ``lam``, ``solver`` (``"cg"`` or ``"neumann"``), ``maxiter`` and ``tol`` of
+            ``meta_grad="implicit"`` (:class:`~metaloop.optim.implicit.ImplicitOptions` or a mapping
+            of its fields; defaults when None); unused by the other modes.
 
     Raises:
         ValueError: at construction, for a pattern that matches no parameter, a learned name that
-            is not a hyperparameter of the inner optimizer, negative steps, or an unknown ``batch_tasks``.
+            is not a hyperparameter of the inner optimizer, negative steps, an unknown ``batch_tasks``
+            or ``meta_grad``, a ``truncate`` outside ``1..inner_steps`` or without ``meta_grad="truncated"``,
+            bad implicit options, or options that ``meta_grad`` cannot honour (see :meth:`_check_meta_grad`).
     """
 
     def __init__(
@@ -132,6 +148,9 @@ class MetaLightningModule(lightning.LightningModule):
         learnable: Mapping[str, Learned] | None = None,
         batch_tasks: BatchTasks = "auto",
         head: str | None = None,
+        meta_grad: MetaGrad = "unrolled",
+        truncate: int | None = None,
+        implicit: ImplicitOptions | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
@@ -141,7 +160,7 @@ class MetaLightningModule(lightning.LightningModule):
         if batch_tasks not in ("auto", "vmap", "sequential"):
             raise ValueError(f"batch_tasks={batch_tasks!r} is not one of 'auto', 'vmap', 'sequential'")
         self.save_hyperparameters(
-            "inner_steps", "eval_inner_steps", "first_order", "adapt_params", "batch_tasks", "head"
+            "inner_steps", "eval_inner_steps", "first_order", "adapt_params", "batch_tasks", "head", "meta_grad", "truncate"
         )
         self.automatic_optimization = False
         self.model = model
@@ -168,6 +187,9 @@ class MetaLightningModule(lightning.LightningModule):
         self._learned_keys: dict[str, dict[str, str]] = {}
         for hp_name, spec in (learnable or {}).items():
             self._add_learned(hp_name, spec)
+        self.meta_grad, self.truncate = meta_grad, truncate
+        self.implicit = implicit if isinstance(implicit, ImplicitOptions) else ImplicitOptions(**(implicit or {}))
+        self._check_meta_grad(adapt_params)
         self.eval_metrics = nn.ModuleDict({
             f"{stage}_{name}_{when}": MeanWithConfidence()
             for stage in ("val", "test")
@@ -233,6 +255,50 @@ class MetaLightningModule(lightning.LightningModule):
             for hp in hparams:
                 rule.check(hp)
         return rule, dict(zip(self.adapted_names, hparams))
+
+    def _check_meta_grad(self, adapt_params: str | None) -> None:
+        """Raises ``ValueError`` for a ``meta_grad`` mode that is unknown or cannot honour the other options."""
+        modes = ("unrolled", "truncated", "implicit")
+        if self.meta_grad not in modes:
+            raise ValueError(f"meta_grad={self.meta_grad!r} is not one of {modes}")
+        if self.meta_grad == "truncated":
+            if self.truncate is None:
+                raise ValueError("meta_grad='truncated' needs truncate=k, the number of last inner steps to backpropagate through")
+            truncation_start(self.inner_steps, self.truncate)  # raises for a value outside 0..inner_steps
+            if self.truncate == 0:
+                raise ValueError(
+                    "truncate=0 backpropagates through no inner step (first-order MAML); use truncate >= 1, or "
+                    "meta_grad='unrolled' with first_order=True"
+                )
+        elif self.truncate is not None:
+            raise ValueError(f"truncate={self.truncate!r} applies only with meta_grad='truncated' (got meta_grad={self.meta_grad!r})")
+        if self.meta_grad != "unrolled" and self.first_order:
+            raise ValueError(
+                f"first_order=True drops the meta-gradient's second-order terms, which meta_grad={self.meta_grad!r} "
+                "computes; use first_order=True with meta_grad='unrolled', or first_order=False"
+            )
+        if self.meta_grad != "implicit":
+            return
+        # iMAML differentiates the initial adapted weights only: anything else the support loss reads would miss
+        # its path through the inner solution
+        if self._learned_keys or len(self.inner_modules):
+            raise ValueError(
+                "meta_grad='implicit' gives learned inner hyperparameters or transforms no gradient (the inner "
+                "solution does not depend on them); use learnable=None and a torch.optim inner optimizer, or "
+                "meta_grad='unrolled'"
+            )
+        if adapt_params is not None:
+            raise ValueError(
+                f"meta_grad='implicit' adapts all parameters (adapt_params={adapt_params!r} would leave the "
+                "non-adapted ones without their gradient through the inner solution); use adapt_params=None"
+            )
+
+    def _inner_loop(self, create_graph: bool) -> Callable[..., dict[str, Tensor]]:
+        """Returns the inner loop of the ``meta_grad`` mode, taking ``inner_loop``'s arguments but ``first_order``."""
+        if self.meta_grad == "implicit":
+            return functools.partial(implicit_inner_loop, options=self.implicit)
+        truncate = self.truncate if create_graph else None
+        return functools.partial(inner_loop, first_order=self.first_order, truncate=truncate)
 
     def _add_learned(self, hp_name: str, spec: Learned) -> None:
         defaults = self._inner_hparams[self.adapted_names[0]]
@@ -377,13 +443,12 @@ class MetaLightningModule(lightning.LightningModule):
             def support_loss(weights: dict[str, Tensor]) -> Tensor:
                 return self.inner_loss(AdaptedModel(self.model, {**fixed, **weights}), support)
 
-            adapted = inner_loop(
+            adapted = self._inner_loop(create_graph)(
                 support_loss,
                 {n: params[n] for n in hparams},
                 rule=self.rule,
                 hparams=hparams,
                 steps=steps,
-                first_order=self.first_order,
                 create_graph=create_graph,
                 batched=batched,
             )

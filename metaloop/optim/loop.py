@@ -15,9 +15,9 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from metaloop.optim.rules import HParams, Rule, apply_rule
+from metaloop.optim.rules import HParams, Rule, State, apply_rule
 
-__all__ = ["inner_loop", "vmap_problems"]
+__all__ = ["inner_loop", "vmap_problems", "truncation_start", "straight_through"]
 
 WeightsLoss = Callable[[dict[str, Tensor]], Tensor]
 
@@ -32,6 +32,7 @@ def inner_loop(
     first_order: bool = False,
     create_graph: bool = True,
     batched: bool = False,
+    truncate: int | None = None,
 ) -> dict[str, Tensor]:
     """Returns ``weights`` after ``steps`` updates of ``rule`` descending ``loss(weights)``.
 
@@ -50,12 +51,18 @@ def inner_loop(
         batched: True when called under :func:`torch.func.vmap` over tasks. Under vmap a weight
             the loss does not use gets a zero gradient rather than none (:func:`torch.func.grad`
             cannot tell them apart), and the caller checks the model with :func:`vmap_problems`.
+        truncate: keep the graph of only the last ``truncate`` steps (truncated backpropagation;
+            memory grows with ``truncate``, not ``steps``); see :func:`truncation_start`. None
+            keeps all steps (full unroll); checked but moot when ``create_graph`` is False.
 
     Raises:
-        ValueError: for negative ``steps`` or ``hparams`` that do not name exactly the weights.
+        ValueError: for negative ``steps``, a ``truncate`` outside ``0..steps``, or ``hparams``
+            that do not name exactly the weights.
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0")
+    start = truncation_start(steps, truncate)  # checked even without a graph, where no step is tracked
+    tracked_from = start if create_graph else 0
     names = list(weights)
     if set(hparams) != set(names):
         missing, extra = sorted(set(names) - set(hparams)), sorted(set(hparams) - set(names))
@@ -66,17 +73,55 @@ def inner_loop(
     per_weight = [hparams[n] for n in names]
     fast = dict(weights)
     states: list = [None] * len(names)
-    for _ in range(steps):
+    for step in range(steps):
+        graph = create_graph and step >= tracked_from
         if batched:
-            grads = _vmapped_grads(loss, fast, trainable, create_graph and not first_order)
+            grads = _vmapped_grads(loss, fast, trainable, graph and not first_order)
         else:
-            grads = _grads(loss, fast, trainable, create_graph and not first_order)
+            grads = _grads(loss, fast, trainable, graph and not first_order)
         new, states = apply_rule(rule, [fast[n] for n in names], [grads.get(n) for n in names], states, per_weight,
                                  foreach=not batched)
         fast = dict(zip(names, new))
-        if not create_graph:
+        if not graph:
             fast = {n: w.detach() for n, w in fast.items()}
+        if step + 1 == tracked_from:
+            fast, states = straight_through(weights, fast), [detach_state(s) for s in states]
     return fast
+
+
+def truncation_start(steps: int, truncate: int | None) -> int:
+    """Returns the first inner step whose graph is kept when only the last ``truncate`` of ``steps`` are.
+
+    Truncated backpropagation (Shaban et al. 2019, "Truncated Back-propagation for Bilevel
+    Optimization") runs the first ``steps - truncate`` steps without a graph, then continues from
+    :func:`straight_through` weights: the meta-gradient of the initial weights treats the
+    untracked steps as the identity (as first-order MAML treats all of them), and learned
+    hyperparameters get gradient from the tracked steps only. ``truncate = steps`` is the full
+    unroll; ``truncate = 0`` differentiates no step.
+
+    Raises:
+        ValueError: for a ``truncate`` outside ``0..steps``.
+    """
+    if truncate is None:
+        return 0
+    if isinstance(truncate, bool) or not isinstance(truncate, int) or not 0 <= truncate <= steps:
+        raise ValueError(
+            f"truncate={truncate!r} must be an int in 0..steps={steps} (the number of last inner steps to "
+            "backpropagate through); lower it or raise the number of steps"
+        )
+    return steps - truncate
+
+
+def straight_through(initial: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Returns ``current``'s values with the gradient of ``initial``: ``initial + (current - initial).detach()``."""
+    return {n: initial[n] + (w - initial[n]).detach() if initial[n].requires_grad else w for n, w in current.items()}
+
+
+def detach_state(state: State | None) -> State | None:
+    """Returns an optimizer state with every tensor detached (momentum, moments: no graph to earlier steps)."""
+    if not state:
+        return state
+    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def _grads(loss: WeightsLoss, fast: dict[str, Tensor], trainable: list[str], create_graph: bool) -> dict[str, Tensor | None]:
