@@ -264,6 +264,9 @@ def test_two_runs_started_at_once_in_one_folder_one_fails(tmp_path):
     ("inner.params='['", "inner.params='[' is not accepted (not a regular expression"),
     ("+inner_optim.momentumm=0.9", "inner_optim.momentumm is not an argument of torch.optim.SGD"),
     ("task.meta_batch_size=0", "task.meta_batch_size=0 is not accepted (it is below 1)"),
+    ("inner.meta_grad=implicitt", "inner.meta_grad='implicitt' is not accepted (not one of the choices); use one of unrolled, truncated, implicit"),
+    ("inner.implicit.solver=lu", "inner.implicit.solver='lu' is not accepted"),
+    ("inner.truncate=0", "inner.truncate=0 is not accepted (it is below 1)"),
 ])
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_accepted_before_any_file(override, expected, tmp_path):
     message = cli_error("fit", *SINE, override, f"hydra.run.dir={tmp_path / 'run'}")
