@@ -18,6 +18,9 @@ from metaloop.lightning.module import (
     Shared,
 )
 
+# Last: metric_learning builds on the names above.
+from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, conv4_backbone, head_logits  # noqa: E402
+
 __all__ = [
     "MetaDataModule",
     "MetaLightningModule",
@@ -33,4 +36,8 @@ __all__ = [
     "MeanWithConfidence",
     "Conv4",
     "MLP",
+    "PrototypicalModule",
+    "FewShotHead",
+    "head_logits",
+    "conv4_backbone",
 ]

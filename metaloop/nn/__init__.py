@@ -1,6 +1,8 @@
-"""Neural-network building blocks for learned update rules: Kronecker-factored linear maps.
+"""Neural-network building blocks: Kronecker-factored linear maps, small layers, metalayers and few-shot heads.
 
-Imports only torch. :mod:`metaloop.transforms` builds gradient transforms from these.
+Imports only torch. :mod:`metaloop.transforms` builds gradient transforms from the Kronecker
+modules; :mod:`metaloop.lightning` fits the heads (:class:`PrototypicalClassifier`,
+:class:`SVClassifier`) on each task's support set.
 """
 
 from __future__ import annotations
@@ -12,5 +14,29 @@ from metaloop.nn.kronecker import (
     KroneckerRNN,
     kronecker_matvec,
 )
+from metaloop.nn.layers import Flatten, Lambda, Scale, freeze, unfreeze
+from metaloop.nn.metalayers import MetaModule, ParameterTransform
+from metaloop.nn.prototypical import PrototypicalClassifier, compute_prototypes, prototype_logits
+from metaloop.nn.svm import SVClassifier, project_simplex, svm_dual, svm_logits
 
-__all__ = ["kronecker_matvec", "KroneckerLinear", "KroneckerConv2d", "KroneckerRNN", "KroneckerLSTM"]
+__all__ = [
+    "kronecker_matvec",
+    "KroneckerLinear",
+    "KroneckerConv2d",
+    "KroneckerRNN",
+    "KroneckerLSTM",
+    "Lambda",
+    "Flatten",
+    "Scale",
+    "freeze",
+    "unfreeze",
+    "MetaModule",
+    "ParameterTransform",
+    "compute_prototypes",
+    "prototype_logits",
+    "PrototypicalClassifier",
+    "project_simplex",
+    "svm_dual",
+    "svm_logits",
+    "SVClassifier",
+]
