@@ -12,6 +12,9 @@ where present.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 from metaloop.compat.learn2learn import algorithms, nn, optim, utils
 from metaloop.compat.learn2learn.utils import (
     accuracy,
@@ -25,6 +28,12 @@ from metaloop.compat.learn2learn.utils import (
     magic_box,
     update_module,
 )
+
+# l2l.data and l2l.vision are written beside this package (issue 13's second half); each is imported
+# here when present, so `import learn2learn as l2l; l2l.data.MetaDataset` works as in learn2learn.
+for _name in ("data", "vision"):
+    if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
+        importlib.import_module(f"{__name__}.{_name}")
 
 # The learn2learn release whose API this package provides.
 __version__ = "0.2.0"
