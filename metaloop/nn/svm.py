@@ -86,7 +86,7 @@ def svm_dual(
     """Returns the SVM dual solution ``alpha`` (shape of ``onehot``, ``(..., n, w)``), differentiable in ``kernel`` and ``C_reg``.
 
     ``kernel`` is ``(..., n, n)`` (``S S^T``), ``onehot`` the support labels one-hot. FISTA
-    runs ``warm_iters`` steps without a graph; then up to ``max_iters`` KKT solves refine
+    runs up to ``warm_iters`` steps without a graph (fewer once it stops moving); then up to ``max_iters`` KKT solves refine
     the active set (a warning says when the KKT conditions still fail, with the violation).
 
     Raises:
@@ -95,8 +95,9 @@ def svm_dual(
     n, w = onehot.shape[-2:]
     if kernel.shape[-2:] != (n, n):
         raise ValueError(f"kernel has shape {tuple(kernel.shape)} but onehot has {n} rows; the kernel must be (..., {n}, {n})")
-    if float(C_reg) <= 0:
-        raise ValueError(f"C_reg={float(C_reg)} must be positive (MetaOptNet uses 0.1)")
+    c_value = float(C_reg.detach()) if isinstance(C_reg, Tensor) else float(C_reg)
+    if c_value <= 0:
+        raise ValueError(f"C_reg={c_value} must be positive (MetaOptNet uses 0.1)")
     if max_iters < 1:
         raise ValueError(f"max_iters={max_iters} must be at least 1")
     onehot = onehot.to(kernel.dtype)
@@ -108,12 +109,15 @@ def svm_dual(
         step = 1.0 / torch.linalg.eigvalsh(g)[..., -1:].unsqueeze(-1)  # 1 / L, L = largest eigenvalue of K + I
         alpha = torch.zeros_like(y)
         z, t = alpha, 1.0
-        for _ in range(warm_iters):
+        scale = max(c_value, 1.0)
+        for i in range(warm_iters):
             new = _project(z - step * (g @ z - y), bound, c)
             t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
             z = new + ((t - 1) / t_next) * (new - alpha)
+            moved = (new - alpha).abs().max() if i % 10 == 9 else None
             alpha, t = new, t_next
-        scale = max(float(c), 1.0)
+            if moved is not None and moved < 1e-6 * scale:
+                break  # close enough to tell which entries sit at their bound
         active = alpha >= bound - 1e-3 * scale
         for _ in range(max_iters):
             alpha, _, mu = _kkt_solve(g, y, bound, active)
