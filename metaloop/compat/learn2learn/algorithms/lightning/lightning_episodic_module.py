@@ -99,7 +99,15 @@ class LightningEpisodicModule(lightning.LightningModule):
             ways, shots, queries = self.train_ways, self.train_shots, self.train_queries
         else:
             ways, shots, queries = self.test_ways, self.test_shots, self.test_queries
-        loss, acc = self.meta_learn(batch, batch_idx, ways, shots, queries)
+        if train:
+            loss, acc = self.meta_learn(batch, batch_idx, ways, shots, queries)
+        else:
+            # Lightning evaluates under inference mode, where no adaptation step could take a gradient;
+            # copies of the batch made outside it can enter autograd.
+            with torch.inference_mode(False), torch.enable_grad():
+                batch = [x.clone() if isinstance(x, Tensor) else x for x in batch]
+                loss, acc = self.meta_learn(batch, batch_idx, ways, shots, queries)
+            loss, acc = loss.detach(), acc.detach()
         self.log(f"{prefix}_loss", loss.item(), on_step=False, on_epoch=True, prog_bar=False, logger=True)
         self.log(f"{prefix}_accuracy", acc.item(), on_step=False, on_epoch=True, prog_bar=True, logger=True)
         return loss
