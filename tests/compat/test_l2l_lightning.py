@@ -126,3 +126,10 @@ def test_validation_adapts_although_lightning_evaluates_under_inference_mode(nam
         (result,) = trainer.validate(module, datamodule=EpisodicBatcher(Episodes(3), epoch_length=2), verbose=False)
         losses.append(result["valid_loss"])
     assert abs(losses[0] - losses[1]) > 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="the warning is for machines with fewer than two GPUs")
+def test_data_parallel_without_two_gpus_warns_and_runs_on_one():
+    with pytest.warns(UserWarning, match="data_parallel=True needs 2 or more CUDA devices"):
+        module = l2l.algorithms.LightningPrototypicalNetworks(features(), data_parallel=True)
+    assert not module.data_parallel and not isinstance(module.features, nn.DataParallel)

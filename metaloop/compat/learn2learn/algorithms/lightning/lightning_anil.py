@@ -44,7 +44,7 @@ class LightningANIL(LightningEpisodicModule):
             raise ValueError(
                 f"LightningANIL has one classifier, so train_ways={self.train_ways} must equal test_ways={self.test_ways}"
             )
-        self.features = features
+        self.features = nn.DataParallel(features) if self.data_parallel else features
         self.classifier = MAML(classifier, lr=self.adaptation_lr)
 
     @staticmethod

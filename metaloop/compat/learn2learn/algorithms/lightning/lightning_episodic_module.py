@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from argparse import ArgumentParser
 from typing import Any
 
@@ -45,7 +46,8 @@ class LightningEpisodicModule(lightning.LightningModule):
     ``meta_learn`` returns ``(loss, accuracy)`` of one episode; training, validation and test
     log them as ``train_loss`` / ``train_accuracy``, ``valid_loss`` / ``valid_accuracy``,
     ``test_loss`` / ``test_accuracy``. The optimizer is Adam (``lr``) with a ``StepLR``
-    schedule (``scheduler_step``, ``scheduler_decay``).
+    schedule (``scheduler_step``, ``scheduler_decay``). ``data_parallel=True`` splits each
+    episode over the visible GPUs with ``nn.DataParallel`` (a warning says when fewer than two).
     """
 
     train_shots = 1
@@ -77,6 +79,12 @@ class LightningEpisodicModule(lightning.LightningModule):
         for name, value in values.items():
             setattr(self, name, value)
         self.data_parallel = bool(kwargs.get("data_parallel", False))
+        if self.data_parallel and torch.cuda.device_count() < 2:
+            warnings.warn(
+                f"data_parallel=True needs 2 or more CUDA devices, found {torch.cuda.device_count()}; running on one",
+                stacklevel=3,
+            )
+            self.data_parallel = False
         self.save_hyperparameters(values)
 
     @staticmethod

@@ -50,6 +50,8 @@ class LightningMAML(LightningEpisodicModule):
         """Returns the query loss and accuracy after adapting a clone of the model on the support set."""
         learner = self.model.clone()
         learner.train()
+        if self.data_parallel:
+            learner.module = nn.DataParallel(learner.module)
         support, support_labels, query, query_labels = split_episode(*batch, ways, shots, queries)
         for _ in range(self.adaptation_steps):
             learner.adapt(self.loss(learner(support), support_labels))

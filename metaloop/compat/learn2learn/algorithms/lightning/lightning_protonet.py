@@ -32,7 +32,7 @@ class LightningPrototypicalNetworks(LightningEpisodicModule):
         super().__init__()
         self.loss = nn.CrossEntropyLoss() if loss is None else loss
         self._read_episode_options(kwargs, self._head_options())
-        self.features = features
+        self.features = nn.DataParallel(features) if self.data_parallel else features
         self.classifier: FewShotHead = self._make_head()
 
     def _head_options(self) -> dict[str, Any]:
