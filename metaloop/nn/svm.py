@@ -54,24 +54,26 @@ def _project(v: Tensor, bound: Tensor, C: float | Tensor) -> Tensor:
 def _kkt_solve(gram: Tensor, onehot: Tensor, bound: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(alpha, nu, mu)``: the equality-constrained optimum with ``active`` entries held at ``bound``.
 
-    Solves, for each leading index, the square system: ``((K+I) alpha)_ik + nu_i = Y_ik`` on
-    free entries, ``alpha_ik = bound_ik`` on active ones, ``sum_k alpha_ik = 0``. ``mu`` are
-    the multipliers of the upper bounds (``Y - (K+I) alpha - nu``, zero where free).
+    Solves, for each leading index, ``(G alpha)_ik + nu_i = Y_ik`` on free entries (``G = K + I``),
+    ``alpha_ik = bound_ik`` on active ones and ``sum_k alpha_ik = 0``. ``mu`` are the multipliers
+    of the upper bounds (``Y - G alpha - nu``, zero where free).
+
+    Class columns decouple given ``nu``: column ``k``'s free entries solve
+    ``G_FF alpha_Fk = Y_Fk - nu_F - G_FA bound_Ak`` (``M_k``, which is ``G_FF`` on the free block and
+    the identity elsewhere, keeps the shapes fixed), and the row sums give an ``n x n`` system for
+    ``nu`` (a sum of positive-definite blocks, since every row has a free entry). That is ``w``
+    solves of size ``n`` instead of one of size ``n w``.
     """
-    *batch, n, w = onehot.shape
-    dtype, device = gram.dtype, gram.device
-    eye_w = torch.eye(w, dtype=dtype, device=device)
-    q = torch.einsum("...ij,kl->...ikjl", gram, eye_w).reshape(*batch, n * w, n * w)
-    a = torch.kron(torch.eye(n, dtype=dtype, device=device), torch.ones(1, w, dtype=dtype, device=device))  # (n, n w)
-    free = (~active).reshape(*batch, n * w, 1).to(dtype)
-    identity = torch.eye(n * w, dtype=dtype, device=device)
-    top = torch.cat([free * q + (1 - free) * identity, free * a.t().expand(*batch, n * w, n)], dim=-1)
-    bottom = torch.cat([a.expand(*batch, n, n * w), torch.zeros(*batch, n, n, dtype=dtype, device=device)], dim=-1)
-    rhs_alpha = torch.where(active, bound, onehot).reshape(*batch, n * w, 1)
-    rhs = torch.cat([rhs_alpha, torch.zeros(*batch, n, 1, dtype=dtype, device=device)], dim=-2)
-    solution = torch.linalg.solve(torch.cat([top, bottom], dim=-2), rhs).squeeze(-1)
-    alpha = solution[..., : n * w].reshape(*batch, n, w)
-    nu = solution[..., n * w :]
+    free = (~active).transpose(-1, -2).to(gram.dtype)  # (..., w, n)
+    held = 1 - free
+    g = gram.unsqueeze(-3)  # (..., 1, n, n), shared by the w columns
+    m = free.unsqueeze(-1) * g * free.unsqueeze(-2) + torch.diag_embed(held)
+    fixed = bound.transpose(-1, -2) * held  # (..., w, n): the held entries' values, zero elsewhere
+    c = onehot.transpose(-1, -2) - (g @ fixed.unsqueeze(-1)).squeeze(-1)
+    solved = torch.linalg.solve(m, torch.cat([(free * c).unsqueeze(-1), torch.diag_embed(free)], dim=-1))
+    z, coupling = solved[..., 0], solved[..., 1:]  # M_k^-1 (f_k * c_k) and M_k^-1 diag(f_k)
+    nu = torch.linalg.solve(coupling.sum(-3), (z.sum(-2) + fixed.sum(-2)).unsqueeze(-1)).squeeze(-1)
+    alpha = (z - (coupling @ nu.unsqueeze(-2).unsqueeze(-1)).squeeze(-1) + fixed).transpose(-1, -2)
     mu = onehot - gram @ alpha - nu.unsqueeze(-1)
     return alpha, nu, mu
 
@@ -81,7 +83,7 @@ def svm_dual(
     onehot: Tensor,
     C_reg: float | Tensor = 0.1,
     max_iters: int = 15,
-    warm_iters: int = 300,
+    warm_iters: int = 20,
 ) -> Tensor:
     """Returns the SVM dual solution ``alpha`` (shape of ``onehot``, ``(..., n, w)``), differentiable in ``kernel`` and ``C_reg``.
 
