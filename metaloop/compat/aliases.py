@@ -1,4 +1,4 @@
-"""Import another library's module paths as metaloop's own modules: ``import learn2learn.nn`` gives ``metaloop.compat.learn2learn.nn``.
+"""Another library's module paths as metaloop's modules: ``import learn2learn.nn`` gives ``metaloop.compat.learn2learn.nn``.
 
 :func:`alias_package` installs an :class:`AliasFinder` on ``sys.meta_path``. Every import of
 ``<alias>`` or ``<alias>.x.y`` then returns the *same module object* as

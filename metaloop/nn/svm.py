@@ -88,8 +88,9 @@ def svm_dual(
     """Returns the SVM dual solution ``alpha`` (shape of ``onehot``, ``(..., n, w)``), differentiable in ``kernel`` and ``C_reg``.
 
     ``kernel`` is ``(..., n, n)`` (``S S^T``), ``onehot`` the support labels one-hot. FISTA
-    runs up to ``warm_iters`` steps without a graph (fewer once it stops moving); then up to ``max_iters`` KKT solves refine
-    the active set (a warning says when the KKT conditions still fail, with the violation).
+    runs up to ``warm_iters`` steps without a graph (fewer once it stops moving); then up to
+    ``max_iters`` KKT solves refine the active set (a warning says when the KKT conditions
+    still fail, with the violation).
 
     Raises:
         ValueError: if the shapes disagree or ``C_reg`` is not positive.

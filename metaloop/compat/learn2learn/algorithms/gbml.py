@@ -42,7 +42,9 @@ class GBML(nn.Module):
     ) -> None:
         super().__init__()
         if kwargs:
-            raise TypeError(f"GBML got unexpected arguments {sorted(kwargs)}; it accepts compute_update besides learn2learn's")
+            raise TypeError(
+                f"GBML got unexpected arguments {sorted(kwargs)}; it accepts compute_update besides learn2learn's"
+            )
         self.module = module
         self.transform = transform
         self.adapt_transform = adapt_transform

@@ -31,7 +31,9 @@ def meta_sgd_update(
         raise ValueError("meta_sgd_update needs lrs, one learning-rate tensor per parameter (MetaSGD.lrs)")
     lrs = list(lrs)
     if len(lrs) != len(params):
-        raise ValueError(f"meta_sgd_update got {len(lrs)} learning rates for {len(params)} parameters; give one per parameter")
+        raise ValueError(
+            f"meta_sgd_update got {len(lrs)} learning rates for {len(params)} parameters; give one per parameter"
+        )
     if grads is None:
         grads = [p.grad for p in params]
     return update_module(model, [None if g is None else -lr * g for lr, g in zip(lrs, grads)])

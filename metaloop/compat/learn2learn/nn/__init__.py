@@ -1,4 +1,4 @@
-"""learn2learn's ``learn2learn.nn`` (implemented in :mod:`metaloop.nn`): layers, metalayers, Kronecker modules and few-shot heads.
+"""learn2learn's ``learn2learn.nn`` (implemented in :mod:`metaloop.nn`): layers, metalayers, Kronecker maps, heads.
 
 A package, so learn2learn's module paths resolve: ``learn2learn.nn.kroneckers``,
 ``.misc``, ``.protonet``, ``.metaoptnet``, ``.metalayers``.

@@ -61,7 +61,7 @@ class LightningEpisodicModule(lightning.LightningModule):
     scheduler_decay = 1.0
 
     def _read_episode_options(self, kwargs: dict[str, Any], extra: dict[str, Any]) -> None:
-        """Sets the episode and optimiser options from ``kwargs`` (defaults: class attributes) and saves them as hyperparameters.
+        """Sets the episode and optimiser options from ``kwargs`` (default: the class attributes) as hyperparameters.
 
         Raises:
             TypeError: for a keyword that is not an option of this module.
