@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metaloop.lightning import MetaLightningModule
+from metaloop.lightning.checkpoint import load_checkpoint
 from metaloop.lightning.module import MeanWithConfidence
 from metaloop.tasks import EpisodeSampler, Omniglot, sample_task
 from reports import REPORT_DIR, RUN_DIR, metaloop_run, plot_curves, table, write_report
@@ -38,7 +39,7 @@ def load_module(run_dir: Path, device: str) -> MetaLightningModule:
     """Returns the module of a ``metaloop fit`` run folder: built from its Hydra config, weights from its last checkpoint."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     module = instantiate(cfg.module, _convert_="partial")
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # weights_only: a checkpoint runs no code
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(device).eval()
 

@@ -9,13 +9,15 @@ the process with Hydra's arguments, composes the same run on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
 
 __all__ = ["COMMANDS", "USAGE", "UsageError", "config_dir", "main", "recipe_dir", "recipe_summaries", "run"]
 
@@ -170,8 +172,13 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, bool, bool, list[str]]
     return config, multirun, show_help, rest
 
 
-def _hydra_argv(command: str, args: Sequence[str]) -> list[str] | None:
-    """Returns Hydra's command line for ``metaloop COMMAND ARGS``, or None after printing help."""
+def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | None] | None:
+    """Returns Hydra's command line for ``metaloop COMMAND ARGS`` and the run folder to lock, or None after printing help."""
+    # imported here: `metaloop recipes` and `--help` need neither torch nor Lightning
+    from metaloop.cli.runs import record_subdir, resolve_ckpt_path
+    from metaloop.cli.schema import check_command_line
+    from metaloop.lightning.checkpoint import CheckpointError
+
     config, multirun, show_help, overrides = _split_args(args)
     if show_help:
         _print_help(command)
@@ -179,9 +186,34 @@ def _hydra_argv(command: str, args: Sequence[str]) -> list[str] | None:
     folder, name = _resolve_recipe(config)
     _check_launcher(overrides)
     # configs/ for the groups and config.yaml; recipes/ so that a recipe elsewhere can build on a shipped one
-    searchpath = f"hydra.searchpath=['file://{config_dir()}','file://{recipe_dir()}']"
+    search = [config_dir(), recipe_dir()]
+    searchpath = "hydra.searchpath=[" + ",".join(f"'file://{p}'" for p in search) + "]"
     argv = ["--config-dir", str(folder), "--config-name", name, searchpath, f"command={command}", f"recipe={name}"]
-    return argv + list(overrides) + (["--multirun"] if multirun else [])
+    composed = check_command_line(
+        folder, name, [f"command={command}", f"recipe={name}", *overrides], search, config_dir(), multirun, UsageError
+    )
+    if composed is not None:
+        subdir = record_subdir(command, composed.get("ckpt_path"))
+        if subdir is not None:
+            argv.append(f"hydra.output_subdir={subdir}")
+    lock = _folder_to_lock(composed, multirun)
+    if composed is not None and not multirun:
+        try:
+            resolve_ckpt_path(command, composed.get("ckpt_path"), lock, fetch=False)
+        except CheckpointError as err:
+            raise UsageError(str(err)) from err
+    return argv + list(overrides) + (["--multirun"] if multirun else []), lock
+
+
+def _folder_to_lock(composed: dict[str, Any] | None, multirun: bool) -> Path | None:
+    """Returns the run folder this process must hold: a single run's fixed ``hydra.run.dir`` on rank 0, else None."""
+    from metaloop.cli.runs import is_rank_zero
+
+    if composed is None or multirun or not is_rank_zero():
+        return None
+    run_dir = str(composed.get("hydra", {}).get("run", {}).get("dir", ""))
+    # a timestamped default folder is new for each run; only a folder named by the user can be shared
+    return Path(run_dir) if run_dir and "${" not in run_dir else None
 
 
 def _installed(module: str) -> bool:
@@ -216,18 +248,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args[0] == "recipes":
             _print_recipes()
             return
+        lock: Path | None = None
         if args[0] in COMMANDS:
-            hydra_args = _hydra_argv(args[0], args[1:])
-            if hydra_args is None:
+            prepared = _hydra_argv(args[0], args[1:])
+            if prepared is None:
                 return
+            hydra_args, lock = prepared
         elif args[0].startswith("-"):
             # Hydra's own command line: how Lightning's DDP launcher re-runs this process
             hydra_args = args
         else:
             raise UsageError(f"unknown command {args[0]!r}; use one of: recipes, {', '.join(COMMANDS)}")
+        with _holding(lock):
+            _run_hydra(hydra_args)
     except UsageError as err:
         sys.exit(f"metaloop: error: {err}")
-    _run_hydra(hydra_args)
+
+
+@contextlib.contextmanager
+def _holding(folder: Path | None) -> Iterator[None]:
+    """Holds the run folder's lock for the block (nothing for None); a folder in use is a :class:`UsageError`."""
+    if folder is None:
+        yield
+        return
+    from metaloop.cli.runs import RunFolderBusy, lock_run_folder
+
+    try:
+        with lock_run_folder(folder):
+            yield
+    except RunFolderBusy as err:
+        raise UsageError(str(err)) from err
 
 
 def _run_hydra(hydra_args: list[str]) -> None:
@@ -245,11 +295,40 @@ def _run_hydra(hydra_args: list[str]) -> None:
         sys.argv = saved
 
 
+class RunFailed(Exception):
+    """A run that started and failed (a non-finite loss, a SIGTERM): reported in one message, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _task(cfg: Any) -> dict[str, float] | None:
     try:
         return run(cfg)
     except UsageError as err:
         sys.exit(f"metaloop: error: {err}")
+    except RunFailed as err:
+        if err.code == 1:
+            sys.exit(f"metaloop: error: {err}")
+        print(f"metaloop: error: {err}", file=sys.stderr)
+        sys.exit(err.code)
+
+
+def _outer_optimizer(module: Any) -> Any:
+    configured = module.configure_optimizers()
+    return configured["optimizer"] if isinstance(configured, dict) else configured
+
+
+def _non_finite_message(err: Exception, cfg: Any, run_dir: Path) -> str:
+    step = getattr(err, "step", 0)
+    lrs = [f"inner.lr={cfg.inner.lr}"] + ([f"outer_optim.lr={cfg.outer_optim.lr}"] if "lr" in cfg.outer_optim else [])
+    kept = run_dir / "checkpoints"
+    return (
+        f"the run diverged: {err}. Likely cause: a learning rate too large ({', '.join(lrs)}); lower it. "
+        f"Checkpoints up to meta-step {max(step - 1, 0)} are kept in {kept}; resume from the last finite one with "
+        f"hydra.run.dir={run_dir} ckpt_path=last"
+    )
 
 
 def run(cfg: Any) -> dict[str, float]:
@@ -266,7 +345,12 @@ def run(cfg: Any) -> dict[str, float]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from metaloop.cli.report import print_summary
+    from metaloop.cli.runs import resolve_ckpt_path
+    from metaloop.lightning.callbacks import NonFiniteError
+    from metaloop.lightning.checkpoint import CheckpointError, SafeCheckpointIO, check_fits, load_checkpoint
 
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -286,14 +370,32 @@ def run(cfg: Any) -> dict[str, float]:
         module.check_datamodule(datamodule, cfg.command)
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[SafeCheckpointIO()])
     except InstantiationException as err:
         raise UsageError(_instantiation_message(err)) from err
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
         raise UsageError(str(err)) from err
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        ckpt_path = resolve_ckpt_path(cfg.command, cfg.ckpt_path, run_dir)
+        if ckpt_path is not None:
+            optimizer = _outer_optimizer(module) if cfg.command == "fit" else None
+            check_fits(module, load_checkpoint(ckpt_path), str(cfg.ckpt_path), optimizer)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    outputs = getattr(trainer, cfg.command)(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        outputs = getattr(trainer, cfg.command)(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteError as err:
+        raise RunFailed(_non_finite_message(err, cfg, run_dir)) from err
+    except SIGTERMException as err:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        raise RunFailed(
+            f"stopped by SIGTERM at meta-step {trainer.global_step}; "
+            + (f"the weights of that step are in {last}: resume with hydra.run.dir={run_dir} ckpt_path=last" if cfg.command == "fit" and last.is_file() else "nothing was saved"),
+            code=143,
+        ) from err
     timings[cfg.command] = time.perf_counter() - start
     if cfg.command == "fit" and cfg.test_after_fit and datamodule.num_test_tasks and not trainer.interrupted:
         start = time.perf_counter()
@@ -307,8 +409,11 @@ def run(cfg: Any) -> dict[str, float]:
 
 def _instantiation_message(err: Exception) -> str:
     """Returns the root cause of a Hydra instantiation error, with the config key Hydra names."""
+    from hydra.errors import InstantiationException
+
+    # the first error below Hydra's wrappers: the constructor's own message (not the OSError it wraps)
     cause: BaseException = err
-    while cause.__cause__ is not None:
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
         cause = cause.__cause__
     first = str(err).splitlines()[0]
     key = first[first.find("full_key:"):] if "full_key:" in first else ""

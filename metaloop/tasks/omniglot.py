@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
 import shutil
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,19 +112,20 @@ class Omniglot(Dataset[tuple[Tensor, Tensor]]):
                 " (they are not bundled); pass root, with download=True to fetch them"
             )
         folder = BUNDLED_ROOT if root is None else Path(root).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(
+                f"Omniglot root={folder} is a file; root must be the folder that holds {parts[0]}.zip and {parts[1]}.zip"
+                " (or their unzipped folders)"
+            )
         sources = [_locate(folder, part, download) for part in parts]
         key = hashlib.sha256(
             f"{_CACHE_VERSION}:{image_size}:".encode() + b":".join(_fingerprint(path).encode() for path in sources)
         ).hexdigest()[:20]
         cached = Path(cache_dir if cache_dir is not None else _default_cache_dir()).expanduser() / f"omniglot-{key}.pt"
-        if cached.exists():
-            data = torch.load(cached, weights_only=True)
-        else:
+        data = _read_cache(cached)
+        if data is None:
             data = _decode_all(sources, image_size)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_name(f"{cached.name}.{os.getpid()}.part")
-            torch.save(data, partial)
-            os.replace(partial, cached)  # atomic: concurrent loaders (DDP ranks, test workers) never see half a file
+            _write_cache(cached, data)
         self.images: Tensor = data["images"]
         self.targets: Tensor = data["targets"]
         self.class_names: list[str] = data["class_names"]
@@ -134,6 +137,38 @@ class Omniglot(Dataset[tuple[Tensor, Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index].float().div_(255), self.targets[index]
+
+
+def _read_cache(cached: Path) -> dict[str, object] | None:
+    """Returns the decoded images cached at ``cached``, or None if absent or unreadable (then it is rebuilt)."""
+    if not cached.is_file():
+        return None
+    try:
+        data = torch.load(cached, weights_only=True)
+    except Exception as err:  # a damaged cache is rebuilt, whatever torch.load makes of it
+        warnings.warn(f"the Omniglot cache {cached} is unreadable ({type(err).__name__}); decoding the images again", stacklevel=3)
+        return None
+    if not isinstance(data, dict) or not {"images", "targets", "class_names"} <= set(data):
+        warnings.warn(f"the Omniglot cache {cached} is not a cache of images; decoding the images again", stacklevel=3)
+        return None
+    return data
+
+
+def _write_cache(cached: Path, data: dict[str, object]) -> None:
+    """Saves ``data`` at ``cached`` atomically; a folder that cannot be written leaves the images in memory only."""
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.part")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, partial)
+        os.replace(partial, cached)  # atomic: concurrent loaders (DDP ranks, test workers) never see half a file
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        warnings.warn(
+            f"cannot write the Omniglot cache {cached} ({err.strerror or err}); the images stay decoded in memory "
+            "only (set cache_dir to a writable folder to reuse them)",
+            stacklevel=3,
+        )
 
 
 def _locate(folder: Path, part: str, download: bool) -> Path:
@@ -195,25 +230,27 @@ def _fingerprint(source: Path) -> str:
     return listing.hexdigest()
 
 
-def _read_pngs(source: Path) -> Iterator[tuple[tuple[str, str, str], bytes]]:
-    """Yields ``((alphabet, character, file name), png bytes)`` of every image in a zip or unzipped folder."""
+def _read_pngs(source: Path) -> Iterator[tuple[tuple[str, str, str], bytes, str]]:
+    """Yields ``((alphabet, character, file name), png bytes, where it was read)`` of every image in a zip or folder."""
     if source.suffix == ".zip":
         with zipfile.ZipFile(source) as archive:
             for name in archive.namelist():
                 match = _IMAGE.fullmatch(name.split("/", 1)[-1])
                 if match:
-                    yield match.groups(), archive.read(name)  # type: ignore[misc]
+                    yield match.groups(), archive.read(name), f"{source}:{name}"  # type: ignore[misc]
     else:
         for path in source.glob("*/character*/*.png"):
-            yield (path.parent.parent.name, path.parent.name, path.name), path.read_bytes()
+            yield (path.parent.parent.name, path.parent.name, path.name), path.read_bytes(), str(path)
 
 
 def _decode_all(sources: list[Path], image_size: int) -> dict[str, object]:
     """Returns the decoded images of all ``sources`` (duplicates across sources read once), their labels and class names."""
     pngs: dict[tuple[str, str, str], bytes] = {}
+    origins: dict[tuple[str, str, str], str] = {}
     for source in sources:
         count = 0
-        for key, png in _read_pngs(source):
+        for key, png, origin in _read_pngs(source):
+            origins.setdefault(key, origin)
             if pngs.setdefault(key, png) != png:
                 raise ValueError(f"{'/'.join(key)} differs between Omniglot sources {sources}; use one copy of each part")
             count += 1
@@ -227,8 +264,11 @@ def _decode_all(sources: list[Path], image_size: int) -> dict[str, object]:
     class_of = {name: c for c, name in enumerate(class_names)}
     images = np.empty((len(keys), 1, image_size, image_size), dtype=np.uint8)
     for i, key in enumerate(keys):
-        with Image.open(io.BytesIO(pngs[key])) as image:
-            gray = image.convert("L").resize((image_size, image_size), Image.LANCZOS)
+        try:
+            with Image.open(io.BytesIO(pngs[key])) as image:
+                gray = image.convert("L").resize((image_size, image_size), Image.LANCZOS)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{origins[key]} is not a readable PNG image ({err}); replace the file from the official zip") from err
         images[i, 0] = 255 - np.asarray(gray)
     targets = torch.tensor([class_of[f"{alphabet}/{character}"] for alphabet, character, _ in keys])
     return {"images": torch.from_numpy(images), "targets": targets, "class_names": class_names}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import time
 from pathlib import Path
 
 import lightning
@@ -63,3 +66,27 @@ def last_metrics(run: Path) -> dict[str, float]:
         for row in csv.DictReader(f):
             values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return values
+
+
+class SigtermAt(lightning.Callback):
+    """Sends this process SIGTERM after meta-step ``step``, as a cluster scheduler ending a job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class WaitForFile(lightning.Callback):
+    """Holds the run after its first meta-step until the file ``path`` exists (at most 5 minutes)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, *args: object) -> None:
+        for _ in range(3000):
+            if os.path.exists(self.path):
+                return
+            time.sleep(0.1)

@@ -1,0 +1,466 @@
+"""The configuration's schema: every key typed, unknown keys refused, each bad value reported in one line.
+
+:func:`check_command_line` composes the run (each value of a sweep too) with Hydra's compose API
+*before* Hydra starts, so a bad value is reported before any run folder or file is written.
+What is checked:
+
+- the recipe files: YAML syntax (file, line and column), a defaults list that builds on ``config``,
+  and every key a recipe sets exists in the base configuration or the chosen group option (a typo such
+  as ``inner: {lrr: 5.0}`` is refused, as Hydra refuses it on the command line);
+- values: the typed keys of :data:`KEYS` (ranges and choices), and every other leaf has the type of
+  its default (a boolean stays a boolean: ``inner.first_order=no`` is refused, not read as true);
+- constructor arguments: a key under a ``_target_`` must be a parameter of that callable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "KEYS", "Key", "check_command_line", "check_config", "check_recipe_chain", "check_recipe_keys"]
+
+_HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+_INSPECTION_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--resolve")
+_INSTANTIATE_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+# groups whose options are plain values (not constructor arguments) and are type-checked against defaults
+_SKIPPED_ROOTS = {"hydra", "module", "callbacks", "logger"}
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line naming the key, the value and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """The accepted values of one configuration key."""
+
+    kind: str  # "int", "number", "bool", "str", "regex" or "choice"
+    minimum: float | None = None
+    optional: bool = False
+    choices: tuple[str, ...] = ()
+    hint: str = ""
+
+    def check(self, name: str, value: Any) -> str | None:
+        """Returns what is wrong with ``value`` for key ``name``, or None."""
+        if value is None:
+            return None if self.optional else f"{name} is null; {self.accepted()}"
+        problem = self._type_problem(value)
+        if problem is None and self.minimum is not None and value < self.minimum:
+            problem = f"it is below {self.minimum:g}"
+        if problem is None:
+            return None
+        return f"{name}={value!r} is not accepted ({problem}); {self.accepted()}"
+
+    def _type_problem(self, value: Any) -> str | None:
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "not a boolean"
+        if self.kind == "int":
+            return None if isinstance(value, int) and not isinstance(value, bool) else "not a whole number"
+        if self.kind == "number":
+            return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "not a number"
+        if self.kind == "choice":
+            return None if value in self.choices else "not one of the choices"
+        if not isinstance(value, str):
+            return "not a string"
+        if self.kind == "regex":
+            try:
+                re.compile(value)
+            except re.error as err:
+                return f"not a regular expression: {err}"
+        return None
+
+    def accepted(self) -> str:
+        """Returns a phrase saying what the key accepts."""
+        what = {
+            "bool": "use true or false",
+            "int": "use a whole number",
+            "number": "use a number, e.g. 0.01 or 1e-3",
+            "str": "use a string",
+            "regex": "use a regular expression, e.g. '^head\\.'",
+            "choice": f"use one of {', '.join(self.choices)}",
+        }[self.kind]
+        if self.minimum is not None:
+            what += f" >= {self.minimum:g}"
+        if self.optional:
+            what += " (or null)"
+        return what + (f" ({self.hint})" if self.hint else "")
+
+
+def _int(minimum: int | None = None, optional: bool = False, hint: str = "") -> Key:
+    return Key("int", minimum=minimum, optional=optional, hint=hint)
+
+
+KEYS: dict[str, Key] = {
+    "seed": _int(),
+    "threads": _int(0, hint="0 keeps torch's default"),
+    "ckpt_path": Key("str", optional=True, hint="a checkpoint file, 'last', or 'none' for no checkpoint"),
+    "test_after_fit": Key("bool"),
+    "command": Key("choice", choices=("fit", "validate", "test")),
+    "recipe": Key("str"),
+    "inner.steps": _int(0),
+    "inner.eval_steps": _int(0),
+    "inner.lr": Key("number"),
+    "inner.first_order": Key("bool"),
+    "inner.params": Key("regex", optional=True),
+    "inner.batch_tasks": Key("choice", choices=("auto", "vmap", "sequential")),
+    "trainer.max_steps": _int(1, hint="meta-steps; the task stream is endless, so a run needs an end"),
+    "trainer.val_check_interval": _int(1, hint="meta-steps between validations and checkpoints"),
+    "trainer.log_every_n_steps": _int(1),
+    "trainer.num_nodes": _int(1),
+    "trainer.num_sanity_val_steps": _int(-1),
+    "task.n_ways": _int(2, optional=True),
+    "task.k_shots": _int(1),
+    "task.k_queries": _int(1),
+    "task.meta_batch_size": _int(1),
+    "task.eval_meta_batch_size": _int(1),
+    "task.num_val_tasks": _int(0),
+    "task.num_test_tasks": _int(0),
+    "task.full": Key("bool"),
+    "task.download": Key("bool"),
+    "task.root": Key("str", optional=True),
+}
+# leaves whose default's type does not say what they accept (Lightning takes several forms)
+_FREE_FORM = {"trainer.devices", "trainer.accelerator", "trainer.strategy", "trainer.precision"}
+
+
+# -- recipe files ---------------------------------------------------------------------------
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Returns the parsed YAML file and its node tree; raises ConfigError naming file, line and column."""
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from err
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path))
+    return lines
+
+
+def _defaults_entries(defaults: Any) -> list[str]:
+    """Returns the names of the configs a defaults list builds on (entries that are not group choices)."""
+    return [entry for entry in defaults or [] if isinstance(entry, str) and entry != "_self_" and "/" not in entry]
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe in the chain of ``--config``: its path, its own keys (with their lines), and what it builds on."""
+
+    path: Path
+    body: dict[str, Any]
+    lines: dict[tuple[str, ...], int]
+
+
+def check_recipe_chain(path: Path, search: Sequence[Path]) -> list[RecipeFile]:
+    """Returns the recipe at ``path`` and the recipes it builds on, after checking each file's YAML and defaults.
+
+    ``search`` lists the folders where a name in a defaults list is looked up (``configs/``, ``recipes/``).
+
+    Raises:
+        ConfigError: malformed YAML (file, line, column), a defaults list that is missing or does not lead
+            to ``config``, or a name in it that is not found.
+    """
+    chain: list[RecipeFile] = []
+    current: Path | None = path
+    seen: set[Path] = set()
+    while current is not None:
+        if current in seen:
+            raise ConfigError(f"{current} builds on itself through its defaults list")
+        seen.add(current)
+        data, node = _read_yaml(current)
+        if not isinstance(data, dict) or "defaults" not in data:
+            raise ConfigError(
+                f"{current} has no defaults list; a recipe builds on metaloop's base config: start it with "
+                "'defaults: [config, _self_]' (or name another recipe instead of config)"
+            )
+        parents = _defaults_entries(data["defaults"])
+        body = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
+        chain.append(RecipeFile(current, body, _key_lines(node)))
+        if "config" in parents:
+            return chain
+        if not parents:
+            raise ConfigError(
+                f"{current}'s defaults list does not include config; add '- config' as its first entry "
+                "(defaults: [config, _self_]) so that the recipe builds on metaloop's base configuration"
+            )
+        current = _find(parents[0], [current.parent, *search])
+        if current is None:
+            raise ConfigError(f"{chain[-1].path} builds on {parents[0]!r}, which is in none of {[str(s) for s in search]}")
+    return chain
+
+
+def _find(name: str, folders: Sequence[Path]) -> Path | None:
+    for folder in folders:
+        candidate = folder / (name if name.endswith(".yaml") else f"{name}.yaml")
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# -- composed configuration ------------------------------------------------------------------
+def _leaves(node: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*prefix, str(key)))
+    else:
+        yield prefix, node
+
+
+def _get(tree: Any, path: Sequence[str]) -> tuple[bool, Any]:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def _target_parameters(target: str) -> tuple[set[str], bool] | None:
+    """Returns (parameter names, takes **kwargs) of the callable at import path ``target``, or None if unknown."""
+    module_name, _, attr = target.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        signature = inspect.signature(obj)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+    kinds = {p.kind for p in signature.parameters.values()}
+    names = {n for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return names, inspect.Parameter.VAR_KEYWORD in kinds
+
+
+def _check_targets(node: Any, prefix: str, problems: list[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    target = node.get("_target_")
+    if isinstance(target, str) and "${" not in target:
+        found = _target_parameters(target)
+        if found is not None:
+            names, var_keyword = found
+            unknown = [k for k in node if k not in _INSTANTIATE_KEYS and k not in names]
+            if unknown and not var_keyword:
+                accepted = ", ".join(sorted(n for n in names if n not in ("self", "params")))
+                for key in unknown:
+                    problems.append(f"{prefix}{key} is not an argument of {target} (it takes: {accepted})")
+    for key, value in node.items():
+        if key not in _INSTANTIATE_KEYS:
+            _check_targets(value, f"{prefix}{key}.", problems)
+
+
+def check_recipe_keys(recipes: Sequence[RecipeFile], reference: dict[str, Any]) -> None:
+    """Raises :class:`ConfigError` naming file and line of each key a recipe sets that ``reference`` lacks.
+
+    ``reference`` is the base configuration with the recipe's own group options and no recipe values.
+    A key under a ``_target_`` is a constructor argument, checked by :func:`check_config` instead.
+    """
+    problems: list[str] = []
+    for recipe in recipes:
+        for path, _ in _leaves(recipe.body):
+            _check_recipe_key(recipe, path, reference, problems)
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
+
+
+def check_config(cfg: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Raises :class:`ConfigError` with every problem of the composed ``cfg`` (unresolved, as plain containers).
+
+    ``reference`` is the base configuration with the same group options and no recipe values: the
+    types of the defaults.
+    """
+    problems: list[str] = []
+    for path, value in _leaves(cfg):
+        name = ".".join(path)
+        if not path or path[0] in _SKIPPED_ROOTS or _is_interpolation(value):
+            continue
+        rule = KEYS.get(name)
+        if rule is None:
+            rule = _rule_from_default(path, reference)
+        if rule is not None:
+            problem = rule.check(name, value)
+            if problem:
+                problems.append(problem)
+    _check_targets({k: v for k, v in cfg.items() if k != "hydra"}, "", problems)
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _rule_from_default(path: tuple[str, ...], reference: dict[str, Any]) -> Key | None:
+    if ".".join(path) in _FREE_FORM:
+        return None
+    found, default = _get(reference, path)
+    if not found or default is None or _is_interpolation(default):
+        return None
+    if isinstance(default, bool):
+        return Key("bool")
+    if isinstance(default, int):
+        return Key("int")
+    if isinstance(default, float):
+        return Key("number")
+    return None
+
+
+def _check_recipe_key(recipe: RecipeFile, path: tuple[str, ...], reference: dict[str, Any], problems: list[str]) -> None:
+    if not path or path[0] == "hydra":
+        return
+    for depth in range(1, len(path) + 1):
+        found, node = _get(reference, path[:depth])
+        if not found:
+            parent_found, parent = _get(reference, path[: depth - 1])
+            if parent_found and isinstance(parent, dict) and "_target_" in parent:
+                return  # a constructor argument: checked against the target's signature
+            if parent_found and parent is None:
+                return  # a group chosen as null (scheduler: null) that the recipe fills in
+            known = ", ".join(sorted(parent)) if parent_found and isinstance(parent, dict) else ""
+            line = recipe.lines.get(path[:depth])
+            where = f"{recipe.path}:{line}" if line else str(recipe.path)
+            name = ".".join(path[:depth])
+            problems.append(f"{where}: {name} is not a configuration key" + (f" ({'.'.join(path[:depth - 1]) or 'the config'} has: {known})" if known else ""))
+            return
+        if isinstance(node, dict) and "_target_" in node and depth < len(path):
+            return
+
+
+# -- the command line -----------------------------------------------------------------------
+def hydra_overrides(args: Sequence[str]) -> tuple[list[str], bool]:
+    """Returns (the ``KEY=VALUE`` overrides in Hydra's arguments ``args``, whether a flag only inspects the config)."""
+    overrides, inspecting, skip = [], False, False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            flag = arg.split("=", 1)[0]
+            inspecting = inspecting or flag in _INSPECTION_FLAGS
+            skip = "=" not in arg and flag in _HYDRA_FLAGS_WITH_VALUE
+            continue
+        overrides.append(arg)
+    return overrides, inspecting
+
+
+def _job_overrides(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
+    """Returns the override lists to check: the first job, plus each other value of every sweep override."""
+    if not multirun:
+        return [list(overrides)]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    first, variants = [], []
+    for override, text in zip(parsed, overrides):
+        if not override.is_sweep_override():
+            first.append(text)
+            continue
+        key = override.get_key_element()
+        values = list(override.sweep_string_iterator())
+        first.append(f"{key}={values[0]}" if values else text)
+        variants.extend((len(first) - 1, f"{key}={v}") for v in values[1:])
+    jobs = [first]
+    for index, text in variants:
+        job = list(first)
+        job[index] = text
+        jobs.append(job)
+    return jobs
+
+
+def check_command_line(
+    folder: Path,
+    name: str,
+    args: Sequence[str],
+    search: Sequence[Path],
+    config_folder: Path,
+    multirun: bool,
+    to_error: Callable[[str], Exception],
+) -> dict[str, Any] | None:
+    """Returns the first job's composed config (plain, unresolved, with ``hydra``) after checking every job.
+
+    Raises ``to_error(message)`` for the first bad job, before any file exists. ``folder``/``name``: the
+    primary config; ``search``: the config search path; ``config_folder``: the folder of ``config.yaml``
+    and the groups. Sweeps are checked value by value. Returns None for flags that only inspect the
+    config (``--cfg``, ``--info``), which are not checked.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides, inspecting = hydra_overrides(args)
+    if inspecting:
+        return None
+    try:
+        recipes = check_recipe_chain(folder / f"{name}.yaml", search) if name != "config" or folder != config_folder else []
+    except ConfigError as err:
+        raise to_error(str(err)) from err
+    searchpath = "hydra.searchpath=[" + ",".join(f"'file://{p}'" for p in search) + "]"
+    try:
+        jobs = _job_overrides(overrides, multirun)
+    except HydraException as err:
+        raise to_error(str(err).splitlines()[0]) from err
+    first: dict[str, Any] | None = None
+    def composed_with(job: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+        """Returns the composed config of ``job`` and the base config with its group choices."""
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+                composed = compose(name, overrides=[searchpath, *job], return_hydra_config=True)
+            choices = {g: c for g, c in composed.hydra.runtime.choices.items() if not g.startswith("hydra/") and c is not None}
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(config_folder), version_base="1.3"):
+                reference = compose("config", overrides=[f"{g}={c}" for g, c in choices.items()])
+        except (HydraException, OmegaConfBaseException) as err:
+            raise to_error(_first_line(err)) from err
+        finally:
+            GlobalHydra.instance().clear()
+        return composed, OmegaConf.to_container(reference, resolve=False)
+
+    if recipes:
+        # the recipe's keys are checked against its own group options (a command line may swap a group)
+        try:
+            check_recipe_keys(recipes, composed_with([])[1])
+        except ConfigError as err:
+            raise to_error(str(err)) from err
+    for job in jobs:
+        composed, reference = composed_with(job)
+        cfg = OmegaConf.to_container(composed, resolve=False)
+        if first is None:
+            first = dict(cfg)
+        cfg.pop("hydra", None)
+        try:
+            check_config(cfg, reference)
+        except ConfigError as err:
+            raise to_error(str(err) + (f" [sweep job {' '.join(job)}]" if len(jobs) > 1 else "")) from err
+    return first
+
+
+def _first_line(err: Exception) -> str:
+    """Returns Hydra's multi-line message as one line (options listed after their heading), without the search path."""
+    text = str(err).split("Config search path")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("object_type=")]
+    if not lines:
+        return type(err).__name__
+    message = lines[0]
+    for previous, line in zip(lines, lines[1:]):
+        if previous.endswith((":", ".")):
+            message += " " + line
+        else:  # an option after an option (one word each), else a new sentence
+            message += (", " if " " not in previous and " " not in line else "; ") + line
+    return message

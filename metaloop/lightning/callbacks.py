@@ -1,0 +1,84 @@
+"""Callbacks that keep a run's results honest: no non-finite step is taken, and the final weights are saved.
+
+:class:`StopOnNonFinite` stops a run *before* the outer optimizer applies a non-finite gradient, so the
+weights in memory, and every checkpoint written afterwards, stay finite; the run fails with
+:class:`NonFiniteError`. :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` that also saves
+``last.ckpt`` when training ends between two checkpoint intervals and when a scheduler's SIGTERM stops
+the run, so ``last.ckpt`` always holds the weights a run reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+__all__ = ["NonFiniteError", "RunCheckpoint", "StopOnNonFinite"]
+
+_SHOWN_PARAMETERS = 3
+
+
+class NonFiniteError(RuntimeError):
+    """A meta-training loss or gradient that is NaN or infinite; the step was not taken."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class StopOnNonFinite(lightning.Callback):
+    """Raises :class:`NonFiniteError` when a meta-step's gradients or loss are not finite, before the step is taken.
+
+    Gradients are checked when the outer optimizer is about to step (one device sync per meta-step); the
+    returned training loss after the step (a finite gradient with an infinite loss). Checkpoint callbacks
+    run after this one, so no checkpoint of a non-finite step is written.
+    """
+
+    def on_before_optimizer_step(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        grads = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
+        if bool(finite.all()):
+            return
+        bad = [name for (name, _), ok in zip(grads, finite.tolist()) if not ok]
+        shown = ", ".join(bad[:_SHOWN_PARAMETERS]) + (f" and {len(bad) - _SHOWN_PARAMETERS} more" if len(bad) > _SHOWN_PARAMETERS else "")
+        raise NonFiniteError(
+            f"meta-step {trainer.global_step + 1}: the meta-gradient of {shown} is NaN or infinite; the step was not "
+            "taken", trainer.global_step + 1
+        )
+
+    def on_train_batch_end(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            raise NonFiniteError(f"meta-step {trainer.global_step}: the meta-training loss is {loss.item()}", trainer.global_step)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` also holds the final step of a run and the step a SIGTERM stopped at.
+
+    Lightning saves only every ``every_n_train_steps``; a run of 3 steps with an interval of 2 would leave
+    step 2 in ``last.ckpt`` while reporting results of step 3. On SIGTERM (what cluster schedulers send
+    before killing a job) Lightning stops between meta-steps; the state is consistent and saved here.
+    Other exceptions save nothing: a failed step must not replace a good checkpoint.
+    """
+
+    def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._save_final(trainer)
+
+    def on_exception(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save_final(trainer)
+
+    def _save_final(self, trainer: lightning.Trainer) -> None:
+        if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = trainer.global_step
