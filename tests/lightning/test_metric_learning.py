@@ -93,3 +93,21 @@ def test_a_backbone_that_cannot_embed_the_task_is_reported_before_training():
 def test_a_head_without_fit_is_rejected():
     with pytest.raises(TypeError, match=r"head Linear has no fit_\(support, labels\)"):
         PrototypicalModule(nn.Flatten(), nn.Linear(2, 2), functools.partial(torch.optim.Adam, lr=1e-3))
+
+
+@pytest.mark.parametrize("option,head", [("prototypical", PrototypicalClassifier), ("metaoptnet", SVClassifier)])
+def test_the_module_config_options_build_a_prototypical_module(option, head):
+    """configs/module/{prototypical,metaoptnet}.yaml with model=conv4_backbone: the module trains on an Omniglot-shaped task."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from metaloop.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"module={option}", "model=conv4_backbone", "model.hidden=8"])
+    m = instantiate(cfg.module, _convert_="partial")
+    assert isinstance(m, PrototypicalModule) and isinstance(m.head, head)
+    x = torch.rand(2, 1, 28, 28)
+    task = Task(x, torch.tensor([0, 1]), x.flip(0), torch.tensor([1, 0]))
+    m.check_task(task)
+    assert m.task_metrics(*task)["loss"].requires_grad
