@@ -20,6 +20,9 @@ from metaloop.lightning.runs import checkpoint_config, load_run
 
 FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that imports it
 
+# Last: metric_learning builds on the names above.
+from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, conv4_backbone, head_logits  # noqa: E402
+
 __all__ = [
     "MetaDataModule",
     "MetaLightningModule",
@@ -38,4 +41,8 @@ __all__ = [
     "MLP",
     "load_run",
     "checkpoint_config",
+    "PrototypicalModule",
+    "FewShotHead",
+    "head_logits",
+    "conv4_backbone",
 ]

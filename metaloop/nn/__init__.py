@@ -1,6 +1,8 @@
-"""Neural-network building blocks: Kronecker-factored linear maps for learned update rules, and few-shot vision backbones.
+"""Neural-network building blocks: Kronecker-factored linear maps, small layers, metalayers, few-shot heads and vision backbones.
 
-Imports only torch. :mod:`metaloop.transforms` builds gradient transforms from these.
+Imports only torch. :mod:`metaloop.transforms` builds gradient transforms from the Kronecker
+modules; :mod:`metaloop.lightning` fits the heads (:class:`PrototypicalClassifier`,
+:class:`SVClassifier`) on each task's support set.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from metaloop.nn.kronecker import (
     KroneckerRNN,
     kronecker_matvec,
 )
+from metaloop.nn.layers import Flatten, Lambda, Scale, freeze, unfreeze
+from metaloop.nn.metalayers import MetaModule, ParameterTransform
+from metaloop.nn.prototypical import PrototypicalClassifier, compute_prototypes, prototype_logits
+from metaloop.nn.svm import SVClassifier, project_simplex, svm_dual, svm_logits
 
 from metaloop.nn.vision import (
     CNN4,
@@ -52,4 +58,18 @@ __all__ = [
     "ResNet12",
     "WRN28Backbone",
     "WRN28",
+    "Lambda",
+    "Flatten",
+    "Scale",
+    "freeze",
+    "unfreeze",
+    "MetaModule",
+    "ParameterTransform",
+    "compute_prototypes",
+    "prototype_logits",
+    "PrototypicalClassifier",
+    "project_simplex",
+    "svm_dual",
+    "svm_logits",
+    "SVClassifier",
 ]

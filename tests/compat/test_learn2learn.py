@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+import metaloop.lightning
 import metaloop.nn
 import metaloop.optim
 import metaloop.transforms
 from metaloop.compat import learn2learn as l2l
+from metaloop.compat.learn2learn.utils import lightning as l2l_lightning
 
 F64 = torch.float64
 
@@ -36,6 +38,41 @@ NAMES = {
     "utils.clone_module": metaloop.transforms.clone_module,
     "utils.update_module": metaloop.transforms.update_module,
     "utils.detach_module": metaloop.transforms.detach_module,
+    "nn.Lambda": metaloop.nn.Lambda,
+    "nn.Flatten": metaloop.nn.Flatten,
+    "nn.Scale": metaloop.nn.Scale,
+    "nn.freeze": metaloop.nn.freeze,
+    "nn.unfreeze": metaloop.nn.unfreeze,
+    "nn.MetaModule": metaloop.nn.MetaModule,
+    "nn.ParameterTransform": metaloop.nn.ParameterTransform,
+    "nn.PrototypicalClassifier": metaloop.nn.PrototypicalClassifier,
+    "nn.SVClassifier": metaloop.nn.SVClassifier,
+    "nn.kroneckers.KroneckerLinear": metaloop.nn.KroneckerLinear,
+    "nn.misc.Lambda": metaloop.nn.Lambda,
+    "nn.protonet.PrototypicalClassifier": metaloop.nn.PrototypicalClassifier,
+    "nn.metaoptnet.SVClassifier": metaloop.nn.SVClassifier,
+    "nn.metalayers.MetaModule": metaloop.nn.MetaModule,
+    "nn.metalayers.ParameterTransform": metaloop.nn.ParameterTransform,
+    "nn.metalayers.metamodule.MetaModule": metaloop.nn.MetaModule,
+    "nn.metalayers.parameter_transform.ParameterTransform": metaloop.nn.ParameterTransform,
+    "clone_parameters": l2l.utils.clone_parameters,
+    "clone_named_parameters": l2l.utils.clone_named_parameters,
+    "clone_distribution": l2l.utils.clone_distribution,
+    "detach_distribution": l2l.utils.detach_distribution,
+    "magic_box": l2l.utils.magic_box,
+    "accuracy": l2l.utils.accuracy,
+    "flatten_config": l2l.utils.flatten_config,
+    "algorithms.maml.MAML": l2l.algorithms.MAML,
+    "algorithms.maml.maml_update": l2l.algorithms.maml_update,
+    "algorithms.meta_sgd.MetaSGD": l2l.algorithms.MetaSGD,
+    "algorithms.meta_sgd.meta_sgd_update": l2l.algorithms.meta_sgd_update,
+    "algorithms.gbml.GBML": l2l.algorithms.GBML,
+    "algorithms.base_learner.BaseLearner": l2l.algorithms.BaseLearner,
+    "algorithms.lightning.LightningEpisodicModule": l2l.algorithms.LightningEpisodicModule,
+    "algorithms.lightning.LightningMAML": l2l.algorithms.LightningMAML,
+    "algorithms.lightning.LightningANIL": l2l.algorithms.LightningANIL,
+    "algorithms.lightning.LightningPrototypicalNetworks": l2l.algorithms.LightningPrototypicalNetworks,
+    "algorithms.lightning.LightningMetaOptNet": l2l.algorithms.LightningMetaOptNet,
 }
 
 
@@ -52,9 +89,27 @@ def test_learn2learn_names_resolve_to_metaloop(path, target):
     assert resolve(path) is target
 
 
-@pytest.mark.parametrize("module", ["optim", "optim.transforms", "nn", "utils"])
+@pytest.mark.parametrize("module", [
+    "optim", "optim.transforms", "nn", "nn.kroneckers", "nn.misc", "nn.protonet", "nn.metaoptnet", "nn.metalayers",
+    "nn.metalayers.metamodule", "nn.metalayers.parameter_transform", "utils", "algorithms", "algorithms.maml",
+    "algorithms.meta_sgd", "algorithms.gbml", "algorithms.base_learner", "algorithms.lightning",
+])
 def test_submodules_import(module):
     assert importlib.import_module(f"metaloop.compat.learn2learn.{module}") is resolve(module)
+
+
+def test_utils_lightning_is_a_submodule_with_the_episodic_batcher():
+    assert importlib.import_module("metaloop.compat.learn2learn.utils.lightning") is l2l_lightning
+    assert l2l_lightning.EpisodicBatcher.__module__ == "metaloop.compat.learn2learn.utils.lightning"
+
+
+def test_the_lightning_heads_share_metaloops_head_code():
+    """LightningPrototypicalNetworks / LightningMetaOptNet build metaloop.nn's heads and score with head_logits."""
+    import metaloop.compat.learn2learn.algorithms.lightning.lightning_protonet as protonet
+
+    assert protonet.head_logits is metaloop.lightning.head_logits
+    assert isinstance(l2l.algorithms.LightningPrototypicalNetworks(nn.Flatten()).classifier, metaloop.nn.PrototypicalClassifier)
+    assert isinstance(l2l.algorithms.LightningMetaOptNet(nn.Flatten()).classifier, metaloop.nn.SVClassifier)
 
 
 def test_l2l_differentiable_sgd_is_not_highers():

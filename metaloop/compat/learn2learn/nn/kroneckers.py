@@ -1,4 +1,4 @@
-"""learn2learn's ``learn2learn.nn`` Kronecker modules (implemented in :mod:`metaloop.nn`)."""
+"""learn2learn's ``learn2learn.nn.kroneckers`` (implemented in :mod:`metaloop.nn.kronecker`)."""
 
 from __future__ import annotations
 
