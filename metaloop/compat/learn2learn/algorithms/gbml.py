@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.transforms.gradient_transforms import TransformFactory
-from metaloop.transforms.learnable_optimizer import DifferentiableSGD, ParameterUpdate
+from metaloop.transforms.learnable_optimizer import ModuleSGD, ParameterUpdate
 from metaloop.transforms.module_updates import clone_module
 
 __all__ = ["GBML"]
@@ -53,7 +53,7 @@ class GBML(nn.Module):
         self.allow_unused = allow_unused
         self.allow_nograd = allow_nograd
         self.compute_update = ParameterUpdate(module.parameters(), transform) if compute_update is None else compute_update
-        self.diff_sgd = DifferentiableSGD(lr=lr)
+        self.diff_sgd = ModuleSGD(lr=lr)
         # True once the module took a step with the current transforms: only then does a loss depend on them.
         self._params_updated = False
 
