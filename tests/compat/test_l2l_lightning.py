@@ -133,3 +133,10 @@ def test_data_parallel_without_two_gpus_warns_and_runs_on_one():
     with pytest.warns(UserWarning, match="data_parallel=True needs 2 or more CUDA devices"):
         module = l2l.algorithms.LightningPrototypicalNetworks(features(), data_parallel=True)
     assert not module.data_parallel and not isinstance(module.features, nn.DataParallel)
+
+
+def test_the_episodic_base_class_needs_a_meta_learn_hook():
+    from metaloop.compat.learn2learn.algorithms import LightningEpisodicModule
+
+    with pytest.raises(TypeError, match="abstract method.*meta_learn"):
+        LightningEpisodicModule()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import warnings
 from argparse import ArgumentParser
 from typing import Any
@@ -40,7 +41,7 @@ def split_episode(
     return data[is_support], labels[is_support], data[~is_support], labels[~is_support]
 
 
-class LightningEpisodicModule(lightning.LightningModule):
+class LightningEpisodicModule(lightning.LightningModule, abc.ABC):
     """learn2learn's base LightningModule: subclasses implement ``meta_learn(batch, batch_idx, ways, shots, queries)``.
 
     ``meta_learn`` returns ``(loss, accuracy)`` of one episode; training, validation and test
@@ -98,9 +99,9 @@ class LightningEpisodicModule(lightning.LightningModule):
         parser.add_argument("--scheduler_decay", type=float, default=LightningEpisodicModule.scheduler_decay)
         return parser
 
+    @abc.abstractmethod
     def meta_learn(self, batch: Any, batch_idx: int, ways: int, shots: int, queries: int) -> tuple[Tensor, Tensor]:
         """Returns ``(query loss, query accuracy)`` of one episode; subclasses define it."""
-        raise NotImplementedError(f"{type(self).__name__} must define meta_learn(batch, batch_idx, ways, shots, queries)")
 
     def _step(self, batch: Any, batch_idx: int, prefix: str, train: bool) -> Tensor:
         if train:
