@@ -379,8 +379,10 @@ def _job_overrides(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
             first.append(text)
             continue
         key = override.get_key_element()
-        values = list(override.sweep_string_iterator())
-        first.append(f"{key}={values[0]}" if values else text)
+        values = _sweep_values(override)
+        if not values:
+            continue  # a sweep the sweeper samples from (e.g. Optuna's tag()): checked by each job
+        first.append(f"{key}={values[0]}")
         variants.extend((len(first) - 1, f"{key}={v}") for v in values[1:])
     jobs = [first]
     for index, text in variants:
@@ -388,6 +390,20 @@ def _job_overrides(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
         job[index] = text
         jobs.append(job)
     return jobs
+
+
+def _sweep_values(override: Any) -> list[str]:
+    """Returns the values a sweep override takes: each choice or range value, an interval's two ends."""
+    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.errors import HydraException
+
+    try:
+        return list(override.sweep_string_iterator())
+    except HydraException:
+        sweep = override.value()
+        if isinstance(sweep, IntervalSweep):
+            return [str(sweep.start), str(sweep.end)]
+        return []
 
 
 def check_command_line(

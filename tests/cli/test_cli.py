@@ -197,7 +197,7 @@ def test_unknown_command_and_missing_config_value(capsys):
 def test_unknown_option_shows_hydras_message_with_the_groups_options():
     message = cli_error("fit", *SINE, "model=resnet")
     assert "Could not find 'model/resnet'; Available options in 'model': " in message
-    assert "conv4, mlp" in message
+    assert "conv4" in message and "mlp" in message
     assert len(message.splitlines()) == 1
     assert "Could not override 'inner.stepz'. To append to your config use +inner.stepz=3" in cli_error("fit", *SINE, "inner.stepz=3")
 

@@ -278,10 +278,13 @@ def test_a_bad_value_in_any_job_of_a_sweep_fails_before_the_first_job(tmp_path):
     message = cli_error("fit", "-m", *SINE, "seed=0,1,x", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert "seed='x' is not accepted" in message
     assert not (tmp_path / "sweep").exists()
+    # an interval (what Optuna samples from) is checked at its two ends
+    message = cli_error("fit", "-m", *SINE, "inner.steps=interval(1,3)", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert "inner.steps=1.0 is not accepted (not a whole number)" in message
 
 
 @pytest.mark.parametrize("body,expected", [
-    ("inner:\n  lrr: 5.0\n", ":8: inner.lrr is not a configuration key (inner has: batch_tasks, eval_steps, first_order, lr, params, steps)"),
+    ("inner:\n  lrr: 5.0\n", ":8: inner.lrr is not a configuration key (inner has: batch_tasks, eval_steps, first_order, implicit, lr, meta_grad, params, steps, truncate)"),
     ("task:\n  k_shot: 2\n", ":8: task.k_shot is not a configuration key"),
     ("inner:\n  first_order: no_thanks\n", "inner.first_order='no_thanks' is not accepted"),
     ("inner_optim:\n  momentumm: 0.9\n", "inner_optim.momentumm is not an argument of torch.optim.SGD"),
