@@ -235,9 +235,9 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | No
 
 def _folder_to_lock(composed: dict[str, Any] | None, multirun: bool) -> Path | None:
     """Returns the run folder this process must hold: a single run's fixed ``hydra.run.dir`` on rank 0, else None."""
-    from metaloop.cli.runs import is_rank_zero
+    from metaloop.cli.launch import process_rank
 
-    if composed is None or multirun or not is_rank_zero():
+    if composed is None or multirun or process_rank() != 0:
         return None
     run_dir = str(composed.get("hydra", {}).get("run", {}).get("dir", ""))
     # a timestamped default folder is new for each run; only a folder named by the user can be shared

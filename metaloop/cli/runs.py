@@ -29,14 +29,6 @@ class RunFolderBusy(RuntimeError):
     """Another metaloop process holds the run folder."""
 
 
-def is_rank_zero() -> bool:
-    """True unless this process was started as a non-zero rank by a launcher (torchrun, SLURM, Lightning)."""
-    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(variable, "0") not in ("", "0"):
-            return False
-    return True
-
-
 @contextlib.contextmanager
 def lock_run_folder(folder: Path | None) -> Iterator[None]:
     """Creates ``folder`` and holds an exclusive lock on it for the block; raises :class:`RunFolderBusy` naming the holder.
