@@ -10,18 +10,20 @@ metrics back, and writes ``reports/<name>.md`` and learning-curve PNGs. Run fold
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["REPORT_DIR", "RUN_DIR", "metaloop_run", "parallel", "plot_curves", "read_metrics", "table", "write_report"]
+__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "metaloop_run", "parallel", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
 
 REPORT_DIR = Path(__file__).resolve().parent
 RUN_DIR = REPORT_DIR.parent / "outputs" / "reports"
+RECIPE_DIR = REPORT_DIR.parent / "recipes"
 T = TypeVar("T")
 
 
@@ -52,6 +54,11 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"metaloop {command} --config {recipe} failed (exit {done.returncode}); end of {log}:\n{tail}")
     return {name: values[-1][1] for name, values in read_metrics(run_dir).items()}
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """Returns a run folder's ``results.json``: its final ``metrics``, ``global_step`` and ``timings`` (seconds)."""
+    return json.loads((run_dir / "results.json").read_text())
 
 
 def _tested(run_dir: Path, overrides: list[str]) -> bool:

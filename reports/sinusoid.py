@@ -1,31 +1,38 @@
-"""Sinusoid regression at 5, 10 and 20 shots: MAML and Meta-SGD against Li et al. (2017), table 1.
+"""Sinusoid regression at 5, 10 and 20 shots: MAML, Meta-SGD, iMAML and CAVIA, against Li et al. (2017), table 1.
 
-Trains ``maml_sinusoid.yaml`` and ``metasgd_sinusoid.yaml`` once per K (one model per K, as in the
-paper: the recipe's ``task.k_shots`` sets the support size of training, validation and test tasks) and
-scores each on 100 fixed test tasks after one inner step: the mean query MSE with its 95% interval.
-Writes ``reports/sinusoid.md`` and ``reports/sinusoid.png`` (validation MSE against meta-steps).
+Trains each recipe (``maml_sinusoid.yaml``, ``metasgd_sinusoid.yaml``, ``imaml_sinusoid.yaml``,
+``cavia_sinusoid.yaml``) once per K (one model per K, as in the paper: the recipe's ``task.k_shots``
+sets the support size of training, validation and test tasks) and scores each on 100 fixed test tasks
+after the recipe's test-time inner steps: the mean query MSE with its 95% interval. Every measured row
+is kept in ``reports/sinusoid.json`` with its command, so a rerun of some recipes keeps the others'
+rows. Writes ``reports/sinusoid.md`` and ``reports/sinusoid.png`` (validation MSE, this invocation's runs).
 
     python -m reports.sinusoid --steps 15000 --jobs 2      # the paper: --steps 70000
+    python -m reports.sinusoid --steps 25000 --recipes imaml_sinusoid cavia_sinusoid --jobs 6
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from reports import REPORT_DIR, RUN_DIR, metaloop_run, parallel, plot_curves, table, write_report
+from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, metaloop_run, parallel, plot_curves, table, write_report
 
 # Li, Zhou, Chen & Li (2017), table 1: (mean, 95% half-width) of the test MSE after one step, by K
 PUBLISHED = {
     "maml_sinusoid": {5: (1.13, 0.18), 10: (0.77, 0.11), 20: (0.48, 0.08)},
     "metasgd_sinusoid": {5: (0.90, 0.16), 10: (0.53, 0.09), 20: (0.31, 0.05)},
 }
+RECIPES = ["maml_sinusoid", "metasgd_sinusoid", "imaml_sinusoid", "cavia_sinusoid", "reptile_sinusoid"]
 
 
 def target(recipe: str, shots: int) -> float | None:
     """Returns the MSE a run must reach: Meta-SGD's published interval's top, MAML's 5-shot mean; None if none is set."""
+    if recipe not in PUBLISHED:
+        return None
     mean, half = PUBLISHED[recipe][shots]
     if recipe == "metasgd_sinusoid":
         return mean + half
@@ -36,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15000, help="meta-steps per run (the paper: 70000)")
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--recipes", nargs="+", default=list(PUBLISHED), choices=list(PUBLISHED))
+    available = [r for r in RECIPES if (RECIPE_DIR / f"{r}.yaml").is_file()]
+    parser.add_argument("--recipes", nargs="+", default=available, choices=available)
     parser.add_argument("--test-tasks", type=int, default=100)
     parser.add_argument("--val-tasks", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
@@ -60,24 +68,37 @@ def main(argv: list[str] | None = None) -> None:
     ]
     command = " ".join(["python -m reports.sinusoid", *(sys.argv[1:] if argv is None else argv)])
 
+    store = args.report_dir / "sinusoid.json"
+
     def report(results: list[dict[str, float] | None]) -> None:
-        rows = []
+        stored = json.loads(store.read_text()) if store.is_file() else {}
         for (recipe, k), metrics in zip(runs, results):
-            if metrics is None:
-                continue
-            mean, half = PUBLISHED[recipe][k]
-            goal = target(recipe, k)
-            ours = metrics["test/loss_post"]
+            if metrics is not None:
+                stored[f"{recipe}|{k}"] = {
+                    "recipe": recipe, "k": k, "steps": args.steps, "mse": metrics["test/loss_post"],
+                    "ci": metrics["test/loss_post_ci95"], "command": command,
+                }
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(stored, indent=1) + "\n")
+        order = {r: i for i, r in enumerate(RECIPES)}
+        rows = []
+        for row in sorted(stored.values(), key=lambda r: (order.get(r["recipe"], len(order)), r["k"])):
+            recipe, k, ours = row["recipe"], row["k"], row["mse"]
+            published, goal = PUBLISHED.get(recipe, {}).get(k), target(recipe, k)
             rows.append([
-                recipe, str(k), f"{args.steps:,}", f"{ours:.3f} ± {metrics['test/loss_post_ci95']:.3f}",
-                f"{mean:.2f} ± {half:.2f}", "—" if goal is None else f"≤ {goal:.2f}",
+                recipe, str(k), f"{row['steps']:,}", f"{ours:.3f} ± {row['ci']:.3f}",
+                "—" if published is None else f"{published[0]:.2f} ± {published[1]:.2f}", "—" if goal is None else f"≤ {goal:.2f}",
                 "—" if goal is None else ("yes" if ours <= goal else "no"),
             ])
         header = ["recipe", "K", "meta-steps", f"test MSE, {args.test_tasks} tasks (95% CI)", "Li et al. 2017", "target", "met"]
         body = (
             table(header, rows)
-            + f"\n\nOne inner step at test, K support and 10 query points per task; the paper trains {70000:,} meta-steps."
+            + f"\n\nK support and 10 query points per task; MAML and Meta-SGD take one inner step at test, iMAML and"
+            + f" CAVIA their recipes' test steps (`inner.eval_steps`); the paper trains {70000:,} meta-steps."
             + " Target: Meta-SGD within or below its published interval; MAML at most 1.13 at 5 shots."
+            + " iMAML (Rajeswaran et al. 2019) and CAVIA (Zintgraf et al. 2019) published no numbers in this protocol."
+            + "\n\nRows come from these commands (each keeps the rows of the others):\n"
+            + "\n".join(f"- `{c}`" for c in sorted({row["command"] for row in stored.values()}))
             + "\n\n![validation MSE](sinusoid.png)"
         )
         finished = {f"{r} K={k}": d for ((r, k), d), m in zip(runs.items(), results) if m is not None}

@@ -48,13 +48,30 @@ def test_omniglot(tmp_path):
     args = ["--steps", "2", "--meta-batch", "2", "--recipes", "maml_omniglot", "--test-tasks", "4", "--val-tasks", "2"]
     markdown = run_report("omniglot", tmp_path, *args)
     rows = table_rows(markdown)
-    assert [row[:2] for row in rows] == [["maml_omniglot", s] for s in ("5-way 1-shot", "5-way 5-shot", "20-way 1-shot")]
-    assert all(0 <= float(row[3].split(" ± ")[0]) <= 100 for row in rows)
+    assert [row[:3] for row in rows] == [["maml_omniglot", s, "5-way 1-shot"] for s in ("5-way 1-shot", "5-way 5-shot", "20-way 1-shot")]
+    assert all(re.fullmatch(r"2 × 2, \d+\.\d min \(CPU\)", row[3]) for row in rows), rows
+    assert all(0 <= float(row[4].split(" ± ")[0]) <= 100 for row in rows)
+    assert "maml_omniglot, 5-way 1-shot:" in markdown and "against the target 95%: not met" in markdown
+
+
+@pytest.mark.slow
+def test_omniglot_tests_each_setting_on_the_model_trained_with_its_ways_and_keeps_earlier_rows(tmp_path):
+    base = ["--steps", "1", "--meta-batch", "2", "--test-tasks", "4", "--val-tasks", "2", "--minutes", "5"]
+    run_report("omniglot", tmp_path, *base, "--recipes", "protonet_omniglot", "--settings", "5-way 1-shot")
+    markdown = run_report("omniglot", tmp_path, *base, "--recipes", "maml_omniglot", "--train-ways", "5", "20",
+                          "--settings", "5-way 1-shot", "20-way 1-shot")
+    rows = {(row[0], row[1]): row for row in table_rows(markdown)}
+    assert set(rows) == {("maml_omniglot", "5-way 1-shot"), ("maml_omniglot", "20-way 1-shot"), ("protonet_omniglot", "5-way 1-shot")}
+    assert rows["maml_omniglot", "20-way 1-shot"][2] == "20-way 1-shot"
+    assert rows["maml_omniglot", "5-way 1-shot"][2] == "5-way 1-shot"
+    assert markdown.count("- `python -m reports.omniglot") == 2  # each row names the command that made it
 
 
 @pytest.mark.slow
 def test_cross_alphabet(tmp_path):
-    markdown = run_report("cross_alphabet", tmp_path, "--steps", "2", "--meta-batch", "2", "--episodes", "4", "--val-tasks", "2")
+    args = ["--steps", "2", "--meta-batch", "2", "--episodes", "4", "--val-tasks", "2", "--recipes", "maml_omniglot", "protonet_omniglot"]
+    markdown = run_report("cross_alphabet", tmp_path, *args)
     rows = table_rows(markdown)
-    assert [row[:3] for row in rows] == [["Balinese", "24", "2"], ["Early_Aramaic", "22", "2"], ["all held-out", "46", "4"]]
-    assert "Chance: 5%" in markdown
+    expected = [["Balinese", "24", "2"], ["Early_Aramaic", "22", "2"], ["all held-out", "46", "4"]]
+    assert [row[:4] for row in rows] == [[r, *e] for r in ("maml_omniglot", "protonet_omniglot") for e in expected]
+    assert "Chance: 5%" in markdown and "its head fitted on the embedded support set" in markdown
