@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "metaloop_run", "parallel", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
+__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "max_time", "metaloop_run", "parallel", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
 
 REPORT_DIR = Path(__file__).resolve().parent
 RUN_DIR = REPORT_DIR.parent / "outputs" / "reports"
@@ -54,6 +54,12 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"metaloop {command} --config {recipe} failed (exit {done.returncode}); end of {log}:\n{tail}")
     return {name: values[-1][1] for name, values in read_metrics(run_dir).items()}
+
+
+def max_time(minutes: float) -> str:
+    """Returns Lightning's ``max_time`` string "DD:HH:MM:SS" of ``minutes``."""
+    seconds = round(minutes * 60)
+    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:

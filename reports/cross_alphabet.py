@@ -27,8 +27,7 @@ from metaloop.lightning import MetaLightningModule
 from metaloop.lightning.checkpoint import load_checkpoint
 from metaloop.lightning.module import MeanWithConfidence
 from metaloop.tasks import EpisodeSampler, Omniglot, sample_task
-from reports import REPORT_DIR, RUN_DIR, metaloop_run, parallel, plot_curves, run_info, table, write_report
-from reports.omniglot import max_time
+from reports import REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, run_info, table, write_report
 
 SPLITS = {
     "train": ["Japanese_(katakana)", "Korean", "Latin", "Sanskrit", "Tagalog"],
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", nargs="+", default=["maml_omniglot"], help="the recipes to train on the alphabet split")
     parser.add_argument("--steps", type=int, default=150, help="meta-steps (a finished run folder is loaded, not retrained)")
     parser.add_argument("--minutes", type=float, default=None, help="a wall-time budget per fit (trainer.max_time)")
-    parser.add_argument("--meta-batch", type=int, default=8, help="tasks per meta-step")
+    parser.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default: the recipe's)")
     parser.add_argument("--train-ways", type=int, default=5, help="ways of the training tasks (1-shot)")
     parser.add_argument("--override", nargs="*", default=[], help="extra overrides of the fits, e.g. trainer.precision=bf16-mixed")
     parser.add_argument("--episodes", type=int, default=600, help="test episodes, shared evenly by the held-out alphabets")
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         *args.override,
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={max(1, args.steps // 5)}",
-        f"task.meta_batch_size={args.meta_batch}",
+        *([] if args.meta_batch is None else [f"task.meta_batch_size={args.meta_batch}"]),
         f"task.n_ways={args.train_ways}",
         "task.k_shots=1",
         f"task.num_val_tasks={args.val_tasks}",
@@ -129,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(module, MetaLightningModule) else "its head fitted on the embedded support set"
         )
         fit_min = info["timings"].get("fit", 0) / 60
-        note = f"- `{recipe}`: {info['global_step']:,} meta-steps of {args.meta_batch} tasks ({fit_min:.1f} min on the {args.device.upper()}); {how}."
+        batch = OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.meta_batch_size
+        note = f"- `{recipe}`: {info['global_step']:,} meta-steps of {batch} tasks ({fit_min:.1f} min on the {args.device.upper()}); {how}."
         return rows, note
 
     command = " ".join(["python -m reports.cross_alphabet", *(sys.argv[1:] if argv is None else argv)])

@@ -1,6 +1,6 @@
 """Omniglot few-shot classification: every Omniglot recipe at 5-way 1-shot, 5-way 5-shot and 20-way 1-shot.
 
-Each recipe is trained once per ``--train-ways`` (default 5: the recipe's 1-shot setting) on the
+Each recipe is trained 1-shot with its own ``task.n_ways`` (or each of ``--train-ways``; ``--also-20way`` adds a 20-way model) on the
 recipe's held-out character split (70/15/15 percent of the characters, dealt with seed 0, each
 rotation a class), then its last checkpoint is tested with ``metaloop test`` on fixed test tasks of
 each setting. A setting is tested on the model trained with its number of ways when there is one,
@@ -13,7 +13,7 @@ the rows of the recipes and settings it measured. Writes ``reports/omniglot.md``
 ``reports/omniglot.png`` (validation accuracy against meta-steps, of the runs of this invocation).
 
     python -m reports.omniglot --steps 300 --meta-batch 8 --recipes maml_omniglot       # a CPU budget
-    python -m reports.omniglot --device gpu --minutes 5 --steps 20000 --train-ways 5 20 --jobs 8
+    python -m reports.omniglot --device gpu --minutes 5 --steps 20000 --also-20way maml_omniglot --jobs 13
     python -m reports.omniglot --steps 60000 --device gpu --full --root ~/data/omniglot   # the papers' protocol
 """
 
@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reports import REPORT_DIR, RECIPE_DIR, RUN_DIR, metaloop_run, parallel, plot_curves, run_info, table, write_report
+from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, run_info, table, write_report
 
 SETTINGS = {"5-way 1-shot": (5, 1), "5-way 5-shot": (5, 5), "20-way 1-shot": (20, 1)}
 # The recipes in the order of the table; any other recipes/*_omniglot.yaml may be named with --recipes.
 RECIPES = [
-    "maml_omniglot", "fomaml_omniglot", "anil_omniglot", "boil_omniglot", "metasgd_omniglot", "metacurvature_omniglot",
+    "maml_omniglot", "maml_omniglot_20way", "fomaml_omniglot", "anil_omniglot", "boil_omniglot", "metasgd_omniglot", "metacurvature_omniglot",
     "mamlpp_omniglot", "imaml_omniglot", "reptile_omniglot", "cavia_omniglot", "protonet_omniglot", "metaoptnet_omniglot",
 ]
 # Published test accuracy in percent, (mean, 95% half-width or None), on the full Omniglot background set
@@ -39,6 +39,7 @@ RECIPES = [
 PUBLISHED: dict[str, dict[str, tuple[float, float | None]]] = {
     # Finn et al. (2017) table 1 (MAML and its first-order approximation)
     "maml_omniglot": {"5-way 1-shot": (98.7, 0.4), "5-way 5-shot": (99.9, 0.1), "20-way 1-shot": (95.8, 0.3)},
+    "maml_omniglot_20way": {"20-way 1-shot": (95.8, 0.3)},
     "fomaml_omniglot": {"5-way 1-shot": (98.3, 0.5), "5-way 5-shot": (99.2, 0.2), "20-way 1-shot": (89.4, 0.5)},
     # Raghu et al. (2020) table 2 (ANIL, 20-way only)
     "anil_omniglot": {"20-way 1-shot": (96.2, 0.5)},
@@ -62,10 +63,11 @@ def budget_label(info: dict[str, Any], meta_batch: int, device: str) -> str:
     return f"{info.get('global_step', 0):,} × {meta_batch}, {minutes:.1f} min ({device})"
 
 
-def max_time(minutes: float) -> str:
-    """Returns Lightning's ``max_time`` string "DD:HH:MM:SS" of ``minutes``."""
-    seconds = round(minutes * 60)
-    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def recipe_ways(recipe: str) -> int:
+    """Returns the ``task.n_ways`` a recipe file sets (5 when it sets none: the task's default)."""
+    import yaml
+
+    return int(((yaml.safe_load((RECIPE_DIR / f"{recipe}.yaml").read_text()) or {}).get("task") or {}).get("n_ways", 5))
 
 
 def load_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="a wall-time budget per fit (trainer.max_time); it ends at --steps or here")
     parser.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default: the recipe's)")
     parser.add_argument("--recipes", nargs="+", default=[r for r in RECIPES if r in recipes], choices=recipes)
-    parser.add_argument("--train-ways", type=int, nargs="+", default=[5], choices=[5, 20], help="a model per number of ways (1-shot)")
+    parser.add_argument("--train-ways", type=int, nargs="+", default=None, choices=[5, 20], help="a model per number of ways (1-shot; default: the recipe's task.n_ways)")
+    parser.add_argument("--also-20way", nargs="*", default=[], metavar="RECIPE", help="recipes that also train a 20-way model")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="test settings")
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--val-tasks", type=int, default=32)
@@ -135,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         "test_after_fit=false",
         *([f"task.meta_batch_size={args.meta_batch}"] if args.meta_batch else []),
     ]
-    fits = [(recipe, ways) for recipe in args.recipes for ways in args.train_ways]
+    fits = [
+        (recipe, ways) for recipe in args.recipes
+        for ways in sorted({*(args.train_ways or [recipe_ways(recipe)]), *([20] if recipe in args.also_20way else [])})
+    ]
+    trained = {(recipe, ways) for recipe, ways in fits}
     device = "GPU" if args.device == "gpu" else "CPU"
 
     def train_and_test(recipe: str, ways: int) -> list[dict[str, Any]]:
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for setting in args.settings:
             test_ways, shots = SETTINGS[setting]
-            if test_ways != ways and test_ways in args.train_ways:
+            if test_ways != ways and (recipe, test_ways) in trained:
                 continue  # tested on the model trained with its ways
             test_dir = run_dir / f"test_{test_ways}way_{shots}shot"
             metrics = metaloop_run("test", recipe, test_dir, [

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, metaloop_run, parallel, plot_curves, table, write_report
+from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, run_info, table, write_report
 
 # Li, Zhou, Chen & Li (2017), table 1: (mean, 95% half-width) of the test MSE after one step, by K
 PUBLISHED = {
@@ -42,6 +42,7 @@ def target(recipe: str, shots: int) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15000, help="meta-steps per run (the paper: 70000)")
+    parser.add_argument("--minutes", type=float, default=None, help="a wall-time budget per run (trainer.max_time); it ends at --steps or here")
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 20])
     available = [r for r in RECIPES if (RECIPE_DIR / f"{r}.yaml").is_file()]
     parser.add_argument("--recipes", nargs="+", default=available, choices=available)
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {(recipe, k): args.runs / f"{recipe}_k{k}" for recipe in args.recipes for k in args.shots}
     overrides = [
         f"trainer={args.device}",
+        *([] if args.minutes is None else [f"+trainer.max_time='{max_time(args.minutes)}'"]),
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={max(1, args.steps // 10)}",
         f"task.num_val_tasks={args.val_tasks}",
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         for (recipe, k), metrics in zip(runs, results):
             if metrics is not None:
                 stored[f"{recipe}|{k}"] = {
-                    "recipe": recipe, "k": k, "steps": args.steps, "mse": metrics["test/loss_post"],
+                    "recipe": recipe, "k": k, "steps": run_info(runs[recipe, k])["global_step"], "mse": metrics["test/loss_post"],
                     "ci": metrics["test/loss_post_ci95"], "command": command,
                 }
         store.parent.mkdir(parents=True, exist_ok=True)

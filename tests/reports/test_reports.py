@@ -58,7 +58,7 @@ def test_omniglot(tmp_path):
 def test_omniglot_tests_each_setting_on_the_model_trained_with_its_ways_and_keeps_earlier_rows(tmp_path):
     base = ["--steps", "1", "--meta-batch", "2", "--test-tasks", "4", "--val-tasks", "2", "--minutes", "5"]
     run_report("omniglot", tmp_path, *base, "--recipes", "protonet_omniglot", "--settings", "5-way 1-shot")
-    markdown = run_report("omniglot", tmp_path, *base, "--recipes", "maml_omniglot", "--train-ways", "5", "20",
+    markdown = run_report("omniglot", tmp_path, *base, "--recipes", "maml_omniglot", "--also-20way", "maml_omniglot",
                           "--settings", "5-way 1-shot", "20-way 1-shot")
     rows = {(row[0], row[1]): row for row in table_rows(markdown)}
     assert set(rows) == {("maml_omniglot", "5-way 1-shot"), ("maml_omniglot", "20-way 1-shot"), ("protonet_omniglot", "5-way 1-shot")}
