@@ -233,6 +233,22 @@ class MAMLPlusPlus(MetaLightningModule):
     def _model_at(self, step: int, weights: Mapping[str, Tensor]) -> StepModel:
         return StepModel(self.model, weights, step if self._stepwise else None)
 
+    def _initial_weights(self, n_ways: int | None) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+        """As the base class's; a head resized to ``n_ways`` keeps its per-step rates (one per step, not per class)."""
+        params, hparams = super()._initial_weights(n_ways)
+        if self.head is None or not self._per_step:
+            return params, hparams
+        # the base resizes a head's per-element values by their shape, and a row of inner_steps rates would pass
+        # for a bias's per-element values when inner_steps equals the trained n_ways
+        learned = self.inner_hparams()
+        for name in hparams:
+            if name.startswith(f"{self.head}."):
+                for hp in self._per_step:
+                    value = learned[name][hp]
+                    if isinstance(value, Tensor) and value.ndim == 1:
+                        hparams[name][hp] = value
+        return params, hparams
+
     def _step_hparams(self, hparams: dict[str, dict[str, Any]], steps: int) -> list[dict[str, dict[str, Any]]]:
         """Returns each inner step's hyperparameters: row ``min(k, inner_steps - 1)`` of the per-step learned values."""
         if not self._per_step:

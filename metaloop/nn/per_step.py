@@ -10,9 +10,13 @@ slots ``k`` and ``k + 1``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+EvalStats = Literal["running", "batch"]
 
 __all__ = ["PerStepBatchNorm2d", "PerStepConv4"]
 
@@ -26,15 +30,16 @@ class PerStepBatchNorm2d(nn.Module):
             Steps past the last slot use the last one (evaluation with more steps than training).
         per_step_weights: BNWB: a weight and a bias per slot, ``(steps + 1, C)``; else one ``(C,)`` pair.
         per_step_stats: BNRS: running mean and variance per slot (buffers ``(steps + 1, C)``), updated
-            by the slot's batches in training mode and used to normalise in evaluation mode (``eval()``).
-            False normalises with the statistics of the batch in training and evaluation alike (as
-            :class:`~metaloop.lightning.Conv4`: no buffers). MAML++'s authors' code normalises with the
-            batch's statistics in evaluation too and only collects the per-step ones; here evaluation
-            uses them, as the paper describes.
+            by the slot's batches in training mode. False keeps none: the statistics of the batch
+            normalise in training and evaluation alike (as :class:`~metaloop.lightning.Conv4`).
+        eval_stats: with ``per_step_stats``, what normalises in evaluation mode (``eval()``):
+            ``"running"``, the slot's running statistics, as the paper describes BNRS; ``"batch"``, the
+            batch's own (transductive, as in training), which is what the authors' code does (it
+            collects the per-step statistics but always normalises with the batch's).
         momentum, eps: as :class:`torch.nn.BatchNorm2d`.
 
     Raises:
-        ValueError: for ``steps < 1`` or ``num_features < 1``.
+        ValueError: for ``steps < 1``, ``num_features < 1`` or another ``eval_stats``.
     """
 
     def __init__(
@@ -43,16 +48,19 @@ class PerStepBatchNorm2d(nn.Module):
         steps: int,
         per_step_weights: bool = True,
         per_step_stats: bool = True,
+        eval_stats: EvalStats = "running",
         momentum: float = 0.1,
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        if eval_stats not in ("running", "batch"):
+            raise ValueError(f"eval_stats={eval_stats!r} is not one of 'running' (the step's statistics), 'batch' (transductive)")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: a per-step BatchNorm needs the number of inner steps (>= 1), e.g. inner.steps")
         if num_features < 1:
             raise ValueError(f"num_features={num_features} must be >= 1 (the input's channels)")
         self.num_features, self.steps, self.momentum, self.eps = num_features, steps, momentum, eps
-        self.per_step_weights, self.per_step_stats = per_step_weights, per_step_stats
+        self.per_step_weights, self.per_step_stats, self.eval_stats = per_step_weights, per_step_stats, eval_stats
         shape = (steps + 1, num_features) if per_step_weights else (num_features,)
         self.weight = nn.Parameter(torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape))
@@ -69,7 +77,7 @@ class PerStepBatchNorm2d(nn.Module):
     def forward(self, x: Tensor, step: int = 0) -> Tensor:
         slot = self.slot(step)
         weight, bias = (self.weight[slot], self.bias[slot]) if self.per_step_weights else (self.weight, self.bias)
-        if not self.per_step_stats:
+        if not self.per_step_stats or (not self.training and self.eval_stats == "batch"):
             return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
         # indexing a buffer's row gives a view: training updates the slot's statistics in place
         return F.batch_norm(
@@ -80,7 +88,7 @@ class PerStepBatchNorm2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, steps={self.steps}, per_step_weights={self.per_step_weights}, "
-            f"per_step_stats={self.per_step_stats}, momentum={self.momentum}, eps={self.eps}"
+            f"per_step_stats={self.per_step_stats}, eval_stats={self.eval_stats!r}, momentum={self.momentum}, eps={self.eps}"
         )
 
 
@@ -90,12 +98,12 @@ class PerStepConv4(nn.Module):
     MAML++'s network (Antoniou et al. 2019): :class:`~metaloop.lightning.Conv4`'s four blocks of
     [3x3 convolution with ``hidden`` filters, BatchNorm, ReLU, 2x2 max-pooling] and a linear
     ``head``, with :class:`PerStepBatchNorm2d` for BatchNorm (``per_step_weights``: BNWB,
-    ``per_step_stats``: BNRS; both False is Conv4's batch-statistics BatchNorm). ``forward(x, step)``
+    ``per_step_stats`` and ``eval_stats``: BNRS; both False is Conv4's batch-statistics BatchNorm). ``forward(x, step)``
     takes the number of inner updates the weights have had; :class:`~metaloop.lightning.MAMLPlusPlus`
     passes it. Parameters are named ``blocks.{i}.conv.*``, ``blocks.{i}.norm.*`` and ``head.*``.
 
     Raises:
-        ValueError: as :class:`~metaloop.lightning.Conv4`, and for ``steps < 1``.
+        ValueError: as :class:`~metaloop.lightning.Conv4` and :class:`PerStepBatchNorm2d`.
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class PerStepConv4(nn.Module):
         image_size: int = 28,
         per_step_weights: bool = True,
         per_step_stats: bool = True,
+        eval_stats: EvalStats = "running",
     ) -> None:
         super().__init__()
         if not isinstance(out_features, int) or out_features < 1:
@@ -119,7 +128,7 @@ class PerStepConv4(nn.Module):
         self.blocks = nn.ModuleList(
             nn.ModuleDict({
                 "conv": nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
-                "norm": PerStepBatchNorm2d(hidden, steps, per_step_weights, per_step_stats),
+                "norm": PerStepBatchNorm2d(hidden, steps, per_step_weights, per_step_stats, eval_stats),
             })
             for i in range(4)
         )
