@@ -29,6 +29,7 @@ from metaloop.lightning.learned import Learned, PerLayer
 from metaloop.lightning.module import (
     Batch,
     BatchTasks,
+    MetaGrad,
     MetaLightningModule,
     OptimizerFactory,
     SchedulerFactory,
@@ -116,7 +117,7 @@ class MAMLPlusPlus(MetaLightningModule):
     """MAML++ (Antoniou et al. 2019): MAML with learned per-step rates, a multi-step loss and a derivative-order schedule.
 
     Arguments not listed are :class:`~metaloop.lightning.MetaLightningModule`'s. The meta-gradient is
-    unrolled (no truncated or implicit modes: the multi-step loss needs every step's weights). The
+    unrolled (``meta_grad="unrolled"``: the multi-step loss needs every step's weights). The
     parameters of :class:`~metaloop.nn.PerStepBatchNorm2d` layers do not adapt in the inner loop
     (they are meta-learned, per step with BNWB; as in the authors' code).
 
@@ -134,10 +135,14 @@ class MAMLPlusPlus(MetaLightningModule):
         first_order_steps: derivative-order annealing: meta-steps ``0 .. first_order_steps - 1`` are
             first-order, later ones second-order (the paper: 50 epochs, 25000; 0 is second-order throughout,
             as the authors' released Omniglot configurations).
+        first_order: every meta-step first-order (whatever ``first_order_steps`` says).
+        meta_grad, truncate: accepted so that a configuration's ``inner.meta_grad`` and ``inner.truncate``
+            cannot be silently ignored: only ``"unrolled"`` and None.
 
     Raises:
         ValueError: as the base class, for ``inner_steps < 1``, negative schedule lengths, ``lslr`` with
-            ``learnable`` naming ``lr``, a model whose per-step BatchNorm has another number of steps,
+            ``learnable`` naming ``lr``, a ``meta_grad`` other than ``"unrolled"``, a model whose per-step
+            BatchNorm has another number of steps,
             ``batch_tasks="vmap"`` with per-step BatchNorm, or no adapted parameter left.
     """
 
@@ -158,7 +163,15 @@ class MAMLPlusPlus(MetaLightningModule):
         msl: bool = True,
         msl_anneal_steps: int = 5000,
         first_order_steps: int = 25000,
+        first_order: bool = False,
+        meta_grad: MetaGrad = "unrolled",
+        truncate: int | None = None,
     ) -> None:
+        if meta_grad != "unrolled":
+            raise ValueError(
+                f"meta_grad={meta_grad!r}: MAML++ unrolls the inner loop (its multi-step loss scores every step's "
+                "weights); use meta_grad='unrolled' (inner.meta_grad=unrolled), or module=maml for truncated or implicit"
+            )
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps={inner_steps!r}: MAML++ needs at least one inner step (the paper: 5)")
         for name, value in (("msl_anneal_steps", msl_anneal_steps), ("first_order_steps", first_order_steps)):
@@ -181,11 +194,11 @@ class MAMLPlusPlus(MetaLightningModule):
         super().__init__(
             model, objective, inner_optim, outer_optim, scheduler=scheduler, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, adapt_params=adapt_params, learnable=learnable,
-            batch_tasks=batch_tasks, head=head,
+            batch_tasks=batch_tasks, head=head, first_order=first_order, truncate=truncate,
         )
         self.save_hyperparameters(
             "inner_steps", "eval_inner_steps", "adapt_params", "batch_tasks", "head", "lslr", "msl",
-            "msl_anneal_steps", "first_order_steps",
+            "msl_anneal_steps", "first_order_steps", "first_order",
         )
         self.lslr, self.msl = lslr, msl
         self.msl_anneal_steps, self.first_order_steps = msl_anneal_steps, first_order_steps
@@ -226,8 +239,8 @@ class MAMLPlusPlus(MetaLightningModule):
         return msl_weights(self.inner_steps, self.meta_step, self.msl_anneal_steps if self.msl else 0)
 
     def is_first_order(self) -> bool:
-        """True while derivative-order annealing keeps this meta-step first-order (``meta_step < first_order_steps``)."""
-        return self.meta_step < self.first_order_steps
+        """True if this meta-step is first-order: ``first_order``, or derivative-order annealing (``meta_step < first_order_steps``)."""
+        return self.first_order or self.meta_step < self.first_order_steps
 
     # -- the inner loop -----------------------------------------------------------------------
     def _model_at(self, step: int, weights: Mapping[str, Tensor]) -> StepModel:

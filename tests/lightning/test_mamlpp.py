@@ -187,6 +187,11 @@ def test_derivative_order_annealing_is_first_order_before_the_set_meta_step(floa
     assert any(not torch.allclose(a, b) for a, b in zip(references[True], references[False]))
 
 
+def test_first_order_makes_every_meta_step_first_order(monkeypatch):
+    at_meta_step(monkeypatch, 10**6)
+    assert sinusoid_mamlpp(first_order=True).is_first_order() and not sinusoid_mamlpp().is_first_order()
+
+
 class Orders(lightning.Callback):
     """Records, at each meta-step, whether the module is first-order and its final multi-step-loss weight."""
 
@@ -297,6 +302,8 @@ def test_a_head_resized_for_more_ways_keeps_one_rate_per_step():
     ({"learnable": {"lr": PerLayer()}}, "learnable also names 'lr'"),
     ({"batch_tasks": "vmap"}, "batch_tasks='vmap'"),
     ({"adapt_params": r"\.norm\."}, "only per-step BatchNorm"),
+    ({"meta_grad": "implicit"}, "meta_grad='implicit': MAML\\+\\+ unrolls"),
+    ({"truncate": 2}, "truncate=2 applies only with meta_grad='truncated'"),
 ])
 def test_constructor_errors_name_the_value_and_the_fix(kwargs, message):
     build = sinusoid_mamlpp if "inner_steps" in kwargs else conv_mamlpp  # (PerStepConv4 refuses 0 steps itself)
