@@ -1,6 +1,7 @@
 """Lightning integration: the data module that serves meta-batches of tasks, and the module that meta-learns on them.
 
 - :mod:`~metaloop.lightning.module`: :class:`MetaLightningModule`.
+- :mod:`~metaloop.lightning.mamlpp`: :class:`MAMLPlusPlus` (Antoniou et al. 2019), a subclass with per-step parts.
 - :mod:`~metaloop.lightning.objectives`: what a task is scored by (:class:`Classification`, :class:`Regression`).
 - :mod:`~metaloop.lightning.learned`: how inner hyperparameters are learned (:class:`Shared` ... :class:`PerElement`).
 - :mod:`~metaloop.lightning.adapted_model`: :class:`AdaptedModel`, a model run with a task's adapted weights.
@@ -15,6 +16,7 @@ from metaloop.lightning.learned import Learned, PerElement, PerLayer, PerTensor,
 from metaloop.lightning.metrics import MeanWithConfidence
 from metaloop.lightning.models import MLP, Conv4
 from metaloop.lightning.module import MetaLightningModule
+from metaloop.lightning.mamlpp import MAMLPlusPlus, PerStep, msl_weights
 from metaloop.lightning.objectives import Classification, Objective, Regression
 from metaloop.lightning.runs import checkpoint_config, load_run
 
@@ -26,6 +28,9 @@ from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, 
 __all__ = [
     "MetaDataModule",
     "MetaLightningModule",
+    "MAMLPlusPlus",
+    "PerStep",
+    "msl_weights",
     "AdaptedModel",
     "FunctionalModel",
     "Objective",

@@ -1,4 +1,4 @@
-"""Neural-network building blocks: Kronecker-factored linear maps, small layers, metalayers, few-shot heads and vision backbones.
+"""Neural-network building blocks: Kronecker-factored linear maps, small layers, metalayers, per-step BatchNorm, few-shot heads and vision backbones.
 
 Imports only torch. :mod:`metaloop.transforms` builds gradient transforms from the Kronecker
 modules; :mod:`metaloop.lightning` fits the heads (:class:`PrototypicalClassifier`,
@@ -16,6 +16,7 @@ from metaloop.nn.kronecker import (
 )
 from metaloop.nn.layers import Flatten, Lambda, Scale, freeze, unfreeze
 from metaloop.nn.metalayers import MetaModule, ParameterTransform
+from metaloop.nn.per_step import PerStepBatchNorm2d, PerStepConv4
 from metaloop.nn.prototypical import PrototypicalClassifier, compute_prototypes, prototype_logits
 from metaloop.nn.svm import SVClassifier, project_simplex, svm_dual, svm_logits
 
@@ -65,6 +66,8 @@ __all__ = [
     "unfreeze",
     "MetaModule",
     "ParameterTransform",
+    "PerStepBatchNorm2d",
+    "PerStepConv4",
     "compute_prototypes",
     "prototype_logits",
     "PrototypicalClassifier",

@@ -10,16 +10,18 @@ is several times faster for small models.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from metaloop.optim.rules import HParams, Rule, State, apply_rule
 
-__all__ = ["inner_loop", "vmap_problems", "truncation_start", "straight_through"]
+__all__ = ["inner_loop", "inner_trajectory", "vmap_problems", "truncation_start", "straight_through"]
 
 WeightsLoss = Callable[[dict[str, Tensor]], Tensor]
+StepLoss = Callable[..., Tensor]  # loss(weights, step=index of the inner step)
 
 
 def inner_loop(
@@ -27,7 +29,7 @@ def inner_loop(
     weights: Mapping[str, Tensor],
     *,
     rule: Rule,
-    hparams: Mapping[str, HParams],
+    hparams: Mapping[str, HParams] | Sequence[Mapping[str, HParams]],
     steps: int,
     first_order: bool = False,
     create_graph: bool = True,
@@ -43,7 +45,8 @@ def inner_loop(
             require grad is frozen, and one the loss does not use gets no gradient: neither
             moves, and its optimizer state is not advanced (momentum, moments, decay).
         hparams: each weight's hyperparameters (values may be tensors that require grad:
-            learned learning rates, Meta-SGD's per-element rates, learned transforms).
+            learned learning rates, Meta-SGD's per-element rates, learned transforms); or a
+            sequence of ``steps`` such mappings, the one of each step (MAML++'s per-step rates).
         first_order: drop second-order terms (FOMAML): gradients are detached, so the outer
             gradient is the query gradient at the adapted weights.
         create_graph: keep the graph back to the initial weights and hyperparameters; False
@@ -56,37 +59,89 @@ def inner_loop(
             keeps all steps (full unroll); checked but moot when ``create_graph`` is False.
 
     Raises:
-        ValueError: for negative ``steps``, a ``truncate`` outside ``0..steps``, or ``hparams``
-            that do not name exactly the weights.
+        ValueError: for negative ``steps``, a ``truncate`` outside ``0..steps``, ``hparams`` that
+            do not name exactly the weights, or a sequence of them whose length is not ``steps``.
+    """
+    fast = dict(weights)
+    for fast in inner_trajectory(
+        lambda ws, step: loss(ws), weights, rule=rule, hparams=hparams, steps=steps, first_order=first_order,
+        create_graph=create_graph, batched=batched, truncate=truncate,
+    ):
+        pass
+    return fast
+
+
+def inner_trajectory(
+    loss: StepLoss,
+    weights: Mapping[str, Tensor],
+    *,
+    rule: Rule,
+    hparams: Mapping[str, HParams] | Sequence[Mapping[str, HParams]],
+    steps: int,
+    first_order: bool = False,
+    create_graph: bool = True,
+    batched: bool = False,
+    truncate: int | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """Returns an iterator over the weights after each of the ``steps`` updates of :func:`inner_loop`.
+
+    The same loop as :func:`inner_loop` (which returns its last element), for callers that score
+    every step: MAML++'s multi-step loss (Antoniou et al. 2019) takes the query loss after each
+    update. ``loss(weights, step=i)`` also receives the index of the step (``0..steps-1``) whose
+    gradient it gives, so a model can use per-step parts (MAML++'s per-step BatchNorm). The
+    arguments are checked when this is called, before any step runs; see :func:`inner_loop`.
+
+    Raises:
+        ValueError: as :func:`inner_loop`.
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0")
     start = truncation_start(steps, truncate)  # checked even without a graph, where no step is tracked
-    tracked_from = start if create_graph else 0
     names = list(weights)
-    if set(hparams) != set(names):
-        missing, extra = sorted(set(names) - set(hparams)), sorted(set(hparams) - set(names))
+    per_step = [hparams] * steps if isinstance(hparams, Mapping) else list(hparams)
+    if len(per_step) != steps:
         raise ValueError(
-            f"hparams must name exactly the weights; missing {missing}, not among the weights {extra}"
+            f"hparams has {len(per_step)} per-step mappings for steps={steps}; give one mapping (every step) or one per step"
         )
+    for step_hparams in [hparams] if isinstance(hparams, Mapping) else per_step:
+        if set(step_hparams) != set(names):
+            missing, extra = sorted(set(names) - set(step_hparams)), sorted(set(step_hparams) - set(names))
+            raise ValueError(
+                f"hparams must name exactly the weights; missing {missing}, not among the weights {extra}"
+            )
+    return _trajectory(loss, weights, rule, per_step, create_graph, first_order, batched, start if create_graph else 0)
+
+
+def _trajectory(
+    loss: StepLoss,
+    weights: Mapping[str, Tensor],
+    rule: Rule,
+    per_step: list[Mapping[str, HParams]],
+    create_graph: bool,
+    first_order: bool,
+    batched: bool,
+    tracked_from: int,
+) -> Iterator[dict[str, Tensor]]:
+    """The loop of :func:`inner_trajectory`, its arguments checked."""
+    names = list(weights)
     trainable = [n for n in names if weights[n].requires_grad]
-    per_weight = [hparams[n] for n in names]
     fast = dict(weights)
     states: list = [None] * len(names)
-    for step in range(steps):
+    for step, step_hparams in enumerate(per_step):
         graph = create_graph and step >= tracked_from
+        step_loss = functools.partial(loss, step=step)
         if batched:
-            grads = _vmapped_grads(loss, fast, trainable, graph and not first_order)
+            grads = _vmapped_grads(step_loss, fast, trainable, graph and not first_order)
         else:
-            grads = _grads(loss, fast, trainable, graph and not first_order)
-        new, states = apply_rule(rule, [fast[n] for n in names], [grads.get(n) for n in names], states, per_weight,
-                                 foreach=not batched)
+            grads = _grads(step_loss, fast, trainable, graph and not first_order)
+        new, states = apply_rule(rule, [fast[n] for n in names], [grads.get(n) for n in names], states,
+                                 [step_hparams[n] for n in names], foreach=not batched)
         fast = dict(zip(names, new))
         if not graph:
             fast = {n: w.detach() for n, w in fast.items()}
         if step + 1 == tracked_from:
             fast, states = straight_through(weights, fast), [detach_state(s) for s in states]
-    return fast
+        yield fast
 
 
 def truncation_start(steps: int, truncate: int | None) -> int:

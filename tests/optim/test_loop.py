@@ -11,7 +11,7 @@ from torch.func import functional_call, vmap
 import metaloop
 from metaloop.optim import OPTIMIZERS, get_rule
 from metaloop.optim.hyperparams import per_parameter
-from metaloop.optim.loop import inner_loop, vmap_problems
+from metaloop.optim.loop import inner_loop, inner_trajectory, vmap_problems
 from metaloop.transforms import MetaCurvatureTransform, TransformOptimizer
 
 STEPS = 3
@@ -212,3 +212,55 @@ def test_vmap_problems_name_batchnorm_and_first_order_vmap_matches():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert vmap_problems(nn.BatchNorm1d(3)) != []
     assert vmap_problems(nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_trajectory_yields_every_step_with_its_hyperparameters_and_index(net, batched):
+    """inner_trajectory: the weights after each step, step k using hparams[k] and the loss told k; its end is inner_loop's."""
+    x, y = task_data(1)[:2]
+    x, y = x[0], y[0]
+    params = dict(net.named_parameters())
+    sgd = {"momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0}
+    rates = [0.1, 0.3, 0.05]
+    seen: list[int] = []
+
+    def loss(weights, step):
+        if not batched:
+            seen.append(step)
+        return mse(functional_call(net, weights, (x,)), y)
+
+    def run(x_, y_):
+        return list(inner_trajectory(lambda w, step: mse(functional_call(net, w, (x_,)), y_) if batched else loss(w, step),
+                                     params, rule=OPTIMIZERS[torch.optim.SGD], batched=batched, steps=3,
+                                     hparams=[dict.fromkeys(params, {**sgd, "lr": lr}) for lr in rates]))
+
+    steps = vmap(run)(x[None], y[None]) if batched else run(x, y)
+    assert len(steps) == 3 and seen == ([] if batched else [0, 1, 2])
+    fast = dict(params)
+    for lr, weights in zip(rates, steps):
+        trainable = {n: w for n, w in fast.items() if w.requires_grad}
+        grads = dict(zip(trainable, torch.autograd.grad(mse(functional_call(net, fast, (x,)), y), list(trainable.values()),
+                                                        allow_unused=True)))
+        fast = {n: w - lr * grads[n] if grads.get(n) is not None else w for n, w in fast.items()}
+        for name, value in weights.items():
+            torch.testing.assert_close(value[0] if batched else value, fast[name], rtol=1e-6, atol=1e-7)
+    if not batched:
+        last = inner_loop(lambda w: mse(functional_call(net, w, (x,)), y), params, rule=OPTIMIZERS[torch.optim.SGD], steps=3,
+                          hparams=dict.fromkeys(params, {**sgd, "lr": 0.1}))
+        again = list(inner_trajectory(lambda w, step: mse(functional_call(net, w, (x,)), y), params,
+                                      rule=OPTIMIZERS[torch.optim.SGD], steps=3, hparams=dict.fromkeys(params, {**sgd, "lr": 0.1})))
+        for name, value in last.items():
+            torch.testing.assert_close(again[-1][name], value, rtol=0, atol=0)
+
+
+def test_trajectory_checks_its_arguments_before_any_step(net):
+    params = dict(net.named_parameters())
+    hp = {"lr": 0.1, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0}
+
+    def never(weights, step):
+        raise AssertionError("no step may run")
+
+    with pytest.raises(ValueError, match="hparams has 2 per-step mappings for steps=3"):
+        inner_trajectory(never, params, rule=OPTIMIZERS[torch.optim.SGD], steps=3, hparams=[dict.fromkeys(params, hp)] * 2)
+    with pytest.raises(ValueError, match="missing"):
+        inner_trajectory(never, params, rule=OPTIMIZERS[torch.optim.SGD], steps=0, hparams={})
