@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--full", action="store_true", help="the full 1,623 characters (downloaded into --root)")
     parser.add_argument("--root", default=None, help="folder of the official Omniglot zips (with --full)")
-    parser.add_argument("--override", nargs="*", default=[], help="extra overrides for every fit, e.g. trainer.precision=bf16-mixed")
+    parser.add_argument(
+        "--override", nargs="*", default=[],
+        help="extra overrides of the fits, e.g. trainer.precision=bf16-mixed; RECIPE:KEY=VALUE overrides only RECIPE's fits",
+    )
     parser.add_argument("--runs", type=Path, default=RUN_DIR / "omniglot", help="where the run folders go")
     parser.add_argument("--report-dir", type=Path, default=REPORT_DIR)
     args = parser.parse_args(argv)
@@ -128,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
 
     data = ["task.full=true", "task.download=true", f"task.root={args.root or 'null'}"] if args.full else []
     common = [f"trainer={args.device}", *data]
-    time_limit = [] if args.minutes is None else [f"+trainer.max_time='{max_time(args.minutes)}'"]
+    time_limit = [] if args.minutes is None else [f"trainer.max_time='{max_time(args.minutes)}'"]
     fit = [
-        *common, *time_limit, *args.override,
+        *common, *time_limit, *(o for o in args.override if not _scoped(o)),
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.val_every or max(1, args.steps // 5)}",
         f"task.num_val_tasks={args.val_tasks}",
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def train_and_test(recipe: str, ways: int) -> list[dict[str, Any]]:
         run_dir = args.runs / f"{recipe}_{ways}way"
-        metaloop_run("fit", recipe, run_dir, [*fit, f"task.n_ways={ways}"])
+        scoped = [o.split(":", 1)[1] for o in args.override if _scoped(o) and o.split(":", 1)[0] == recipe]
+        metaloop_run("fit", recipe, run_dir, [*fit, f"task.n_ways={ways}", *scoped])
         info = run_info(run_dir)
         rows = []
         for setting in args.settings:
@@ -200,6 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     failed = [f"{r} ({w}-way)" for (r, w), res in zip(fits, results) if res is None]
     if failed:
         sys.exit(f"reports.omniglot: these fits failed (their logs are in {args.runs}): {', '.join(failed)}")
+
+
+def _scoped(override: str) -> bool:
+    """Returns whether ``override`` is ``RECIPE:KEY=VALUE`` (a colon before the first ``=``)."""
+    return ":" in override.split("=", 1)[0]
 
 
 def _guarded(job: Any, *args: Any) -> list[dict[str, Any]] | None:

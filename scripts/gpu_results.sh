@@ -41,6 +41,7 @@ stamp() { echo "[$((SECONDS - T0)) s] $*"; }
     LIMIT=$(( (MINUTES + 3) * 60 ))
     timeout "$LIMIT" "$PY" -m reports.omniglot --device gpu --minutes "$MINUTES" --steps 100000 --val-every 250 \
         --also-20way protonet_omniglot mamlpp_omniglot metasgd_omniglot --jobs 16 \
+        --override mamlpp_omniglot:mamlpp.msl_anneal_steps=500 mamlpp_omniglot:mamlpp.first_order_steps=0 \
         --runs "$RUNS/omniglot" --report-dir "$OUT/reports" > "$OUT/logs/omniglot.log" 2>&1 &
     OMNI=$!
     timeout "$LIMIT" "$PY" -m reports.cross_alphabet --device gpu --minutes "$MINUTES" --steps 100000 \
