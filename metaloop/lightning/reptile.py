@@ -1,0 +1,117 @@
+"""Reptile (Nichol, Achiam & Schulman 2018): meta-learning by moving the initial weights towards each task's adapted ones.
+
+:class:`ReptileModule` adapts a copy of the initial weights ``theta`` to each task of a
+meta-batch with ``inner_steps`` steps of the inner optimizer on the task's support set, without
+a graph through the inner loop, and then moves ``theta`` towards the mean of the adapted
+weights ``phi_i``: the meta-gradient is ``theta - mean_i(phi_i)`` and no query loss is
+back-propagated. Outer SGD with learning rate ``eps`` makes the step the paper's interpolation
+``theta <- theta + eps * mean_i(phi_i - theta)``; the recipes anneal ``eps`` linearly from 1 to 0
+(``scheduler=linear``). Validation, test, checkpoints and logged metrics are those of
+:class:`~metaloop.lightning.MetaLightningModule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from metaloop.lightning.learned import Learned
+from metaloop.lightning.module import BatchTasks, MetaGrad, MetaLightningModule, OptimizerFactory, SchedulerFactory
+from metaloop.lightning.objectives import Objective
+from metaloop.tasks import Task
+
+__all__ = ["ReptileModule"]
+
+
+class ReptileModule(MetaLightningModule):
+    """A LightningModule that meta-learns ``model``'s initial weights with Reptile (first-order, no query backward).
+
+    Each training step adapts the weights that ``adapt_params`` selects to every task's support
+    set with ``inner_steps`` steps of ``inner_optim`` (a fresh optimizer state per task; the
+    paper: Adam with lr 1e-3 and ``betas=(0, 0.999)``), then adds the Reptile gradient
+    ``theta - mean_i(phi_i)`` to each adapted parameter's ``.grad`` and steps ``outer_optim``.
+    With ``outer_optim=SGD(lr=eps)`` the step is ``theta + eps * mean_i(phi_i - theta)``; a
+    scheduler on the outer optimizer anneals ``eps`` (Nichol et al.: linearly from 1 to 0 over
+    training). The query set of a training task is only scored (``train/loss``, ``train/acc``
+    after adaptation); no gradient flows from it. Under DDP the Reptile gradient is all-reduced
+    like any gradient: it is the gradient of ``sum_i ||theta - phi_i||^2 / (2 tasks)``.
+
+    Args:
+        model, objective, inner_optim, outer_optim, scheduler, inner_steps, eval_inner_steps,
+        adapt_params, batch_tasks, head: as for :class:`~metaloop.lightning.MetaLightningModule`.
+        learnable, meta_grad: accepted so that the configuration's module keys apply to every
+            gradient-based learner; Reptile takes only their neutral values (None, ``"unrolled"``).
+
+    Raises:
+        ValueError: as :class:`~metaloop.lightning.MetaLightningModule` does, and for learned inner
+            hyperparameters, a ``meta_grad`` other than ``"unrolled"`` or an inner optimizer with
+            learned transforms (a :class:`~metaloop.transforms.TransformOptimizer`): Reptile's
+            meta-gradient reaches the initial weights only, so those would never train.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        inner_optim: OptimizerFactory,
+        outer_optim: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        adapt_params: str | None = None,
+        batch_tasks: BatchTasks = "auto",
+        head: str | None = None,
+        learnable: Mapping[str, Learned] | None = None,
+        meta_grad: MetaGrad = "unrolled",
+    ) -> None:
+        # the configuration passes these keys to every gradient-based module: refuse what Reptile cannot honour
+        if learnable:
+            raise ValueError(
+                f"learnable={dict(learnable)!r}: Reptile's meta-gradient reaches only the initial weights, so learned "
+                "inner hyperparameters would never train; use learnable=none"
+            )
+        if meta_grad != "unrolled":
+            raise ValueError(
+                f"meta_grad={meta_grad!r}: Reptile's meta-gradient is theta - mean(phi), with no graph through the inner "
+                "loop; use inner.meta_grad=unrolled (the default)"
+            )
+        super().__init__(
+            model, objective, inner_optim, outer_optim, scheduler, inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps, first_order=True, adapt_params=adapt_params, batch_tasks=batch_tasks,
+            head=head,
+        )
+        if len(self.inner_modules):
+            raise ValueError(
+                f"Reptile's meta-gradient reaches only the initial weights, so the inner optimizer's learned "
+                f"{', '.join(self.inner_modules)} would never train; use a torch.optim inner optimizer (inner_optim=adam)"
+            )
+
+    def _adapted_weights(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *, batched: bool
+    ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """Returns one task's adapted weights ``phi`` (the adapted parameters only), query loss and query metrics, detached."""
+        fmodel = self._adapt((support_x, support_y), self.inner_steps, n_ways=None, create_graph=False, batched=batched)
+        with torch.no_grad():
+            metrics = self.task_metrics(fmodel, (query_x, query_y))
+        return {n: fmodel.weights[n] for n in self.adapted_names}, metrics["loss"], metrics
+
+    def meta_gradient(self, batch: Task) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the meta-batch's mean query loss and metrics after adaptation (detached), after adding the
+        Reptile gradient ``theta - mean_i(phi_i)`` to the ``.grad`` of the adapted parameters.
+
+        The gradient comes from a backward of ``sum_i ||theta - phi_i||^2 / (2 tasks)`` with ``phi_i``
+        detached (one backward per chunk of tasks, as :meth:`MetaLightningModule.meta_gradient`), so
+        Lightning's precision plugins and DDP's all-reduce see an ordinary backward.
+        """
+        tasks = batch.support_x.shape[0]
+        params = dict(self.model.named_parameters())
+        losses, per_chunk = [], []
+        for last, (phi, chunk_losses, chunk_metrics) in self._over_tasks(self._adapted_weights, batch):
+            distance = sum(((params[n] - w) ** 2).sum() for n, w in phi.items())
+            self._backward(distance / (2 * tasks), sync=last)
+            losses.append(chunk_losses)
+            per_chunk.append(chunk_metrics)
+        metrics = {k: torch.cat([m[k] for m in per_chunk]).mean() for k in per_chunk[0]}
+        return torch.cat(losses).mean(), metrics
