@@ -118,6 +118,7 @@ KEYS: dict[str, Key] = {
     "inner.implicit.tol": Key("number", minimum=0),
     "trainer.max_steps": _int(1, hint="meta-steps; the task stream is endless, so a run needs an end"),
     "trainer.val_check_interval": _int(1, hint="meta-steps between validations and checkpoints"),
+    "trainer.max_time": Key("str", optional=True, hint="a wall-clock limit DD:HH:MM:SS, e.g. 00:00:05:00"),
     "trainer.log_every_n_steps": _int(1),
     "trainer.num_nodes": _int(1),
     "trainer.num_sanity_val_steps": _int(-1),
