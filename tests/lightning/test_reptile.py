@@ -13,6 +13,7 @@ from lightning_cases import sinusoid_batch
 from torch.utils.data import DataLoader
 
 from metaloop.lightning import MLP, PerElement, Regression, ReptileModule
+from metaloop.lightning.reptile import mini_batches
 from metaloop.tasks import Task
 from metaloop.transforms import MetaCurvatureTransform, TransformOptimizer
 
@@ -40,13 +41,16 @@ def fit(module: ReptileModule, batches: list[Task], callbacks: list[lightning.Ca
     return module
 
 
-def adapted_by_torch_optim(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Returns a copy of ``model``'s weights after ``STEPS`` steps of torch.optim.Adam on ``(x, y)`` (a fresh state)."""
+def adapted_by_torch_optim(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Returns a copy of ``model``'s weights after ``STEPS`` steps of torch.optim.Adam (a fresh state) on ``(x, y)``
+    or on its mini-batches ``x[batches[t]]``."""
     clone = copy.deepcopy(model)
     optimizer = torch.optim.Adam(clone.parameters(), lr=INNER_LR, betas=(0.0, 0.999))
-    for _ in range(STEPS):
+    for t in range(STEPS):
         optimizer.zero_grad()
-        F.mse_loss(clone(x), y).backward()
+        rows = slice(None) if batches is None else batches[t]
+        F.mse_loss(clone(x[rows]), y[rows]).backward()
         optimizer.step()
     return {n: p.detach() for n, p in clone.named_parameters()}
 
@@ -56,16 +60,32 @@ def double(batch: Task) -> Task:
 
 
 @pytest.mark.parametrize("batch_tasks", ["vmap", "sequential"])
-def test_one_meta_step_is_the_interpolation_towards_the_adapted_weights(batch_tasks):
-    module = reptile_module(batch_tasks=batch_tasks).double()
+@pytest.mark.parametrize("inner_batch,train_on_query", [(None, False), (4, True), (3, False)])
+def test_one_meta_step_is_the_interpolation_towards_the_adapted_weights(batch_tasks, inner_batch, train_on_query):
+    module = reptile_module(batch_tasks=batch_tasks, inner_batch=inner_batch, train_on_query=train_on_query).double()
     batch = double(sinusoid_batch(3))
     theta = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    adapted = [adapted_by_torch_optim(module.model, batch.support_x[i], batch.support_y[i]) for i in range(3)]
+    adapted = []
+    for i in range(3):
+        x, y = batch.support_x[i], batch.support_y[i]
+        if train_on_query:
+            x, y = torch.cat([x, batch.query_x[i]]), torch.cat([y, batch.query_y[i]])
+        # the mini-batches of meta-step 0, as the module draws them
+        batches = None if inner_batch is None else mini_batches(len(x), inner_batch, STEPS, torch.Generator().manual_seed(0))
+        adapted.append(adapted_by_torch_optim(module.model, x, y, batches))
     expected = {n: theta[n] + EPS * sum(phi[n] - theta[n] for phi in adapted) / 3 for n in theta}
     fit(module, [batch])
     for name, param in module.model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-13)
         assert not torch.equal(param.detach(), theta[name])
+
+
+def test_mini_batches_are_shuffled_passes_over_the_examples():
+    batches = mini_batches(5, 4, 5, torch.Generator().manual_seed(0))
+    assert batches.shape == (5, 4)
+    for start in range(0, 20, 5):  # each run of 5 consecutive draws is one pass: every example once
+        assert sorted(batches.flatten()[start:start + 5].tolist()) == [0, 1, 2, 3, 4]
+    assert not torch.equal(batches.flatten()[:5], batches.flatten()[5:10])
 
 
 def test_only_the_adapted_parameters_move():
@@ -111,6 +131,8 @@ def test_the_meta_step_size_anneals_linearly_from_eps_to_zero():
 def test_options_reptile_cannot_honour_are_refused():
     with pytest.raises(ValueError, match=r"learnable=\{'lr'.*use learnable=none"):
         reptile_module(learnable={"lr": PerElement()})
+    with pytest.raises(ValueError, match="inner_batch=0 must be a positive whole number"):
+        reptile_module(inner_batch=0)
     with pytest.raises(ValueError, match="meta_grad='truncated'.*inner.meta_grad=unrolled"):
         reptile_module(meta_grad="truncated")
     transforms = functools.partial(TransformOptimizer, lr=0.1, transform=MetaCurvatureTransform)
