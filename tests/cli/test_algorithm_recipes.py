@@ -79,10 +79,10 @@ def test_a_head_that_does_not_adapt_refuses_other_ways_at_test_time():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reptile_omniglot", "cavia_sinusoid"])
 def test_a_checkpoint_reloads_and_tests_to_the_same_numbers(recipe, tmp_path):
-    fit_dir = tmp_path / "fit"
-    cli("fit", "--config", f"{recipe}.yaml", *TINY, f"hydra.run.dir={fit_dir}")
+    fit_dir, short = tmp_path / "fit", [*TINY, "inner.eval_steps=5"]
+    cli("fit", "--config", f"{recipe}.yaml", *short, f"hydra.run.dir={fit_dir}")
     checkpoint = fit_dir / "checkpoints" / "last.ckpt"
-    cli("test", "--config", f"{recipe}.yaml", *TINY, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'test'}")
+    cli("test", "--config", f"{recipe}.yaml", *short, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'test'}")
     fitted, tested = last_metrics(fit_dir), last_metrics(tmp_path / "test")
     for key in ("test/loss_pre", "test/loss_post", "test/loss_post_ci95"):
         assert tested[key] == pytest.approx(fitted[key], rel=1e-6), key
