@@ -6,6 +6,8 @@
 - :mod:`~metaloop.lightning.learned`: how inner hyperparameters are learned (:class:`Shared` ... :class:`PerElement`).
 - :mod:`~metaloop.lightning.adapted_model`: :class:`AdaptedModel`, a model run with a task's adapted weights.
 - :mod:`~metaloop.lightning.metrics`: :class:`MeanWithConfidence`.
+- :mod:`~metaloop.lightning.reptile`: :class:`ReptileModule` (Reptile: no query backward, interpolation step).
+- :mod:`~metaloop.lightning.cavia`: :class:`CaviaModule` (CAVIA: per-task context parameters) and its models.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that import
 
 # Last: metric_learning builds on the names above.
 from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, conv4_backbone, head_logits  # noqa: E402
+from metaloop.lightning.reptile import ReptileModule  # noqa: E402
+from metaloop.lightning.cavia import CaviaModule, ContextMLP, FiLMConv4  # noqa: E402
 
 __all__ = [
     "MetaDataModule",
@@ -50,4 +54,8 @@ __all__ = [
     "FewShotHead",
     "head_logits",
     "conv4_backbone",
+    "ReptileModule",
+    "CaviaModule",
+    "ContextMLP",
+    "FiLMConv4",
 ]

@@ -1,0 +1,168 @@
+"""Reptile (Nichol, Achiam & Schulman 2018): meta-learning by moving the initial weights towards each task's adapted ones.
+
+:class:`ReptileModule` adapts a copy of the initial weights ``theta`` to each task of a
+meta-batch with ``inner_steps`` steps of the inner optimizer on the task's support set, without
+a graph through the inner loop, and then moves ``theta`` towards the mean of the adapted
+weights ``phi_i``: the meta-gradient is ``theta - mean_i(phi_i)`` and no query loss is
+back-propagated. Outer SGD with learning rate ``eps`` makes the step the paper's interpolation
+``theta <- theta + eps * mean_i(phi_i - theta)``; the recipes anneal ``eps`` linearly from 1 to 0
+(``scheduler=linear``). Validation, test, checkpoints and logged metrics are those of
+:class:`~metaloop.lightning.MetaLightningModule`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from metaloop.lightning.learned import Learned
+from metaloop.lightning.module import Batch, BatchTasks, MetaGrad, MetaLightningModule, OptimizerFactory, SchedulerFactory
+from metaloop.lightning.objectives import Objective
+from metaloop.tasks import Task
+
+__all__ = ["ReptileModule", "mini_batches"]
+
+
+class ReptileModule(MetaLightningModule):
+    """A LightningModule that meta-learns ``model``'s initial weights with Reptile (first-order, no query backward).
+
+    Each training step adapts the weights that ``adapt_params`` selects to every task's support
+    set (with ``train_on_query``, support and query sets) with ``inner_steps`` steps of
+    ``inner_optim`` (a fresh optimizer state per task; the paper: Adam with lr 1e-3 and
+    ``betas=(0, 0.999)``), each step on a mini-batch of ``inner_batch`` examples or on all of
+    them, then adds the Reptile gradient
+    ``theta - mean_i(phi_i)`` to each adapted parameter's ``.grad`` and steps ``outer_optim``.
+    With ``outer_optim=SGD(lr=eps)`` the step is ``theta + eps * mean_i(phi_i - theta)``; a
+    scheduler on the outer optimizer anneals ``eps`` (Nichol et al.: linearly from 1 to 0 over
+    training). Without ``train_on_query`` the query set of a training task is only scored
+    (``train/loss``, ``train/acc`` after adaptation) and no gradient flows from it. Under DDP the Reptile gradient is all-reduced
+    like any gradient: it is the gradient of ``sum_i ||theta - phi_i||^2 / (2 tasks)``.
+
+    Args:
+        model, objective, inner_optim, outer_optim, scheduler, inner_steps, eval_inner_steps,
+        adapt_params, batch_tasks, head: as for :class:`~metaloop.lightning.MetaLightningModule`.
+        inner_batch: examples per inner step in training: mini-batches drawn without replacement
+            from the task's examples, reshuffled when they run out (Nichol et al. 2018: 10); one
+            draw per meta-step, shared by its tasks, seeded by the step. None: every example at
+            every step. Evaluation adapts on the whole support set (the paper's test protocol).
+        train_on_query: in training, fit the support and query sets together. Nichol et al. train
+            on 10 examples per class and test on 1: with ``task.k_shots=1`` and ``task.k_queries=9``
+            this gives the training tasks their 10 shots. The logged training metrics are then
+            on examples the inner loop has fitted.
+        learnable, meta_grad: accepted so that the configuration's module keys apply to every
+            gradient-based learner; Reptile takes only their neutral values (None, ``"unrolled"``).
+
+    Raises:
+        ValueError: as :class:`~metaloop.lightning.MetaLightningModule` does, and for learned inner
+            hyperparameters, a ``meta_grad`` other than ``"unrolled"`` or an inner optimizer with
+            learned transforms (a :class:`~metaloop.transforms.TransformOptimizer`): Reptile's
+            meta-gradient reaches the initial weights only, so those would never train.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        inner_optim: OptimizerFactory,
+        outer_optim: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        adapt_params: str | None = None,
+        batch_tasks: BatchTasks = "auto",
+        head: str | None = None,
+        inner_batch: int | None = None,
+        train_on_query: bool = False,
+        learnable: Mapping[str, Learned] | None = None,
+        meta_grad: MetaGrad = "unrolled",
+    ) -> None:
+        if inner_batch is not None and (isinstance(inner_batch, bool) or not isinstance(inner_batch, int) or inner_batch < 1):
+            raise ValueError(f"inner_batch={inner_batch!r} must be a positive whole number of examples, or None for all of them")
+        # the configuration passes these keys to every gradient-based module: refuse what Reptile cannot honour
+        if learnable:
+            raise ValueError(
+                f"learnable={dict(learnable)!r}: Reptile's meta-gradient reaches only the initial weights, so learned "
+                "inner hyperparameters would never train; use learnable=none"
+            )
+        if meta_grad != "unrolled":
+            raise ValueError(
+                f"meta_grad={meta_grad!r}: Reptile's meta-gradient is theta - mean(phi), with no graph through the inner "
+                "loop; use inner.meta_grad=unrolled (the default)"
+            )
+        super().__init__(
+            model, objective, inner_optim, outer_optim, scheduler, inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps, first_order=True, adapt_params=adapt_params, batch_tasks=batch_tasks,
+            head=head,
+        )
+        self.inner_batch, self.train_on_query = inner_batch, train_on_query
+        self._schedule: Iterator[Tensor] | None = None
+        if len(self.inner_modules):
+            raise ValueError(
+                f"Reptile's meta-gradient reaches only the initial weights, so the inner optimizer's learned "
+                f"{', '.join(self.inner_modules)} would never train; use a torch.optim inner optimizer (inner_optim=adam)"
+            )
+
+    def inner_loss(self, fmodel: Callable[..., Tensor], support: Batch) -> Tensor:
+        """Returns the loss of the inner step on ``support``, or on its next mini-batch while training with ``inner_batch``."""
+        if self._schedule is not None:
+            indices = next(self._schedule)
+            support = (support[0][indices], support[1][indices])
+        return super().inner_loss(fmodel, support)
+
+    def _adapted_weights(
+        self, batches: Tensor | None, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
+        batched: bool,
+    ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """Returns one task's adapted weights ``phi`` (the adapted parameters only), query loss and query metrics, detached.
+
+        ``batches``: the indices of each inner step's mini-batch (:func:`mini_batches`), or None for all examples.
+        """
+        x, y = (torch.cat([support_x, query_x]), torch.cat([support_y, query_y])) if self.train_on_query else (support_x, support_y)
+        self._schedule = None if batches is None else iter(batches)
+        try:
+            fmodel = self._adapt((x, y), self.inner_steps, n_ways=None, create_graph=False, batched=batched)
+        finally:
+            self._schedule = None
+        with torch.no_grad():
+            metrics = self.task_metrics(fmodel, (query_x, query_y))
+        return {n: fmodel.weights[n] for n in self.adapted_names}, metrics["loss"], metrics
+
+    def meta_gradient(self, batch: Task) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the meta-batch's mean query loss and metrics after adaptation (detached), after adding the
+        Reptile gradient ``theta - mean_i(phi_i)`` to the ``.grad`` of the adapted parameters.
+
+        The gradient comes from a backward of ``sum_i ||theta - phi_i||^2 / (2 tasks)`` with ``phi_i``
+        detached (one backward per chunk of tasks, as :meth:`MetaLightningModule.meta_gradient`), so
+        Lightning's precision plugins and DDP's all-reduce see an ordinary backward.
+        """
+        tasks = batch.support_x.shape[0]
+        params = dict(self.model.named_parameters())
+        batches = None
+        if self.inner_batch is not None:
+            # drawn outside vmap (no random operations under it), the same for every task, and seeded by the step
+            # so that a resumed run draws what an uninterrupted one would
+            examples = batch.support_x.shape[1] + (batch.query_x.shape[1] if self.train_on_query else 0)
+            generator = torch.Generator().manual_seed(self.global_step)
+            batches = mini_batches(examples, self.inner_batch, self.inner_steps, generator).to(batch.support_x.device)
+        losses, per_chunk = [], []
+        for last, (phi, chunk_losses, chunk_metrics) in self._over_tasks(functools.partial(self._adapted_weights, batches), batch):
+            distance = sum(((params[n] - w) ** 2).sum() for n, w in phi.items())
+            self._backward(distance / (2 * tasks), sync=last)
+            losses.append(chunk_losses)
+            per_chunk.append(chunk_metrics)
+        metrics = {k: torch.cat([m[k] for m in per_chunk]).mean() for k in per_chunk[0]}
+        return torch.cat(losses).mean(), metrics
+
+
+def mini_batches(examples: int, size: int, steps: int, generator: torch.Generator) -> Tensor:
+    """Returns ``(steps, size)`` example indices: consecutive mini-batches of shuffled passes over ``examples`` examples.
+
+    Each pass is a fresh permutation and a mini-batch may span two passes, as in Nichol et al.'s
+    code; a mini-batch larger than the data repeats examples.
+    """
+    passes = -(-size * steps // examples)
+    order = torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)])
+    return order[: size * steps].view(steps, size)
