@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14's GPU figures and issue 15's results tables on one GPU machine, in one call of about 9 minutes:
 #   1. python -m benchmarks.gpu (metaloop, higher and plain PyTorch on the same GPU), alone on the GPU;
-#   2. at once: every Omniglot recipe (reports.omniglot, a time budget per fit), the cross-alphabet
-#      recipes (reports.cross_alphabet) on the GPU, and the sinusoid iMAML/CAVIA rows (reports.sinusoid)
-#      on the machine's CPU cores.
+#   2. at once: every Omniglot recipe (reports.omniglot, a time budget per fit) and the cross-alphabet
+#      recipes (reports.cross_alphabet) on the GPU.
 # Run from the repository root with CUDA torch, lightning and hydra-core installed (no internet needed;
 # metaloop runs from this checkout). With $OUT set, the reports (md, json, png), logs and the runs'
 # metrics land there; reports/*.json are read first, so rows measured elsewhere are kept.
@@ -13,7 +12,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-$(mktemp -d /tmp/metaloop_gpu_results.XXXX)}
 MINUTES=${MINUTES:-5}            # wall-time budget of each Omniglot fit
-SIN_MINUTES=${SIN_MINUTES:-6}    # of each sinusoid run (CPU)
 BENCH_S=${BENCH_S:-110}          # the benchmarks' time limit
 RUNS=$(mktemp -d /tmp/metaloop_runs.XXXX)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
@@ -27,12 +25,6 @@ stamp() { echo "[$((SECONDS - T0)) s] $*"; }
     "$PY" -c "import torch, lightning, hydra; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| lightning', lightning.__version__)"
     nproc
 
-    stamp "sinusoid (CPU) starts"
-    timeout $(( (SIN_MINUTES + 3) * 60 )) "$PY" -m reports.sinusoid --device cpu --recipes imaml_sinusoid cavia_sinusoid \
-        --steps 25000 --minutes "$SIN_MINUTES" --jobs 6 --runs "$RUNS/sinusoid" --report-dir "$OUT/reports" \
-        > "$OUT/logs/sinusoid.log" 2>&1 &
-    SIN=$!
-
     stamp "benchmarks.gpu starts"
     timeout "$BENCH_S" "$PY" -m benchmarks.gpu --out "$OUT/bench" > "$OUT/logs/bench.log" 2>&1
     stamp "benchmarks.gpu: exit $?"
@@ -40,7 +32,7 @@ stamp() { echo "[$((SECONDS - T0)) s] $*"; }
     stamp "Omniglot and cross-alphabet fits start ($MINUTES min each)"
     LIMIT=$(( (MINUTES + 3) * 60 ))
     timeout "$LIMIT" "$PY" -m reports.omniglot --device gpu --minutes "$MINUTES" --steps 100000 --val-every 250 \
-        --also-20way protonet_omniglot mamlpp_omniglot metasgd_omniglot --jobs 16 \
+        --also-20way protonet_omniglot mamlpp_omniglot reptile_omniglot cavia_omniglot boil_omniglot --jobs 18 \
         --override mamlpp_omniglot:mamlpp.msl_anneal_steps=500 mamlpp_omniglot:mamlpp.first_order_steps=0 \
         --runs "$RUNS/omniglot" --report-dir "$OUT/reports" > "$OUT/logs/omniglot.log" 2>&1 &
     OMNI=$!
@@ -50,7 +42,6 @@ stamp() { echo "[$((SECONDS - T0)) s] $*"; }
     CROSS=$!
     wait $OMNI; stamp "reports.omniglot: exit $?"
     wait $CROSS; stamp "reports.cross_alphabet: exit $?"
-    wait $SIN; stamp "reports.sinusoid: exit $?"
     for log in "$OUT"/logs/*.log; do echo "=== tail $log"; tail -n 5 "$log"; done
 } 2>&1 | tee "$OUT/logs/gpu_results.log"
 
