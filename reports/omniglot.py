@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=None, help="folder of the official Omniglot zips (with --full)")
     parser.add_argument(
         "--override", nargs="*", default=[],
-        help="extra overrides of the fits, e.g. trainer.precision=bf16-mixed; RECIPE:KEY=VALUE overrides only RECIPE's fits",
+        help="extra overrides of the fits, e.g. trainer.precision=bf16-mixed; RECIPE:KEY=VALUE overrides RECIPE's fits and tests",
     )
     parser.add_argument("--runs", type=Path, default=RUN_DIR / "omniglot", help="where the run folders go")
     parser.add_argument("--report-dir", type=Path, default=REPORT_DIR)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                     *common, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"task.num_test_tasks={args.test_tasks}",
                     # the model as trained (task.n_ways sizes its head); the test tasks' ways and shots
                     f"task.n_ways={ways}",
-                    f"task.datamodule.tasks.n_ways={test_ways}", f"task.datamodule.tasks.k_shots={shots}",
+                    f"task.datamodule.tasks.n_ways={test_ways}", f"task.datamodule.tasks.k_shots={shots}", *scoped,
                 ])
             except RuntimeError as error:  # one setting the model cannot take does not drop the others
                 print(f"reports.omniglot: {error}", file=sys.stderr)

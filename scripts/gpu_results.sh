@@ -33,7 +33,7 @@ stamp() { echo "[$((SECONDS - T0)) s] $*"; }
     LIMIT=$(( (MINUTES + 3) * 60 ))
     timeout "$LIMIT" "$PY" -m reports.omniglot --device gpu --minutes "$MINUTES" --steps 100000 --val-every 250 \
         --also-20way protonet_omniglot mamlpp_omniglot reptile_omniglot cavia_omniglot boil_omniglot --jobs 18 \
-        --override mamlpp_omniglot:mamlpp.msl_anneal_steps=500 mamlpp_omniglot:mamlpp.first_order_steps=0 \
+        --override mamlpp_omniglot:mamlpp.msl_anneal_steps=500 mamlpp_omniglot:mamlpp.first_order_steps=0 cavia_omniglot:inner.lr=10 \
         --runs "$RUNS/omniglot" --report-dir "$OUT/reports" > "$OUT/logs/omniglot.log" 2>&1 &
     OMNI=$!
     timeout "$LIMIT" "$PY" -m reports.cross_alphabet --device gpu --minutes "$MINUTES" --steps 100000 \
