@@ -267,6 +267,9 @@ def test_two_runs_started_at_once_in_one_folder_one_fails(tmp_path):
     ("inner.meta_grad=implicitt", "inner.meta_grad='implicitt' is not accepted (not one of the choices); use one of unrolled, truncated, implicit"),
     ("inner.implicit.solver=lu", "inner.implicit.solver='lu' is not accepted"),
     ("inner.truncate=0", "inner.truncate=0 is not accepted (it is below 1)"),
+    ("trainer.precision=16-mixed", "trainer.precision='16-mixed' is not accepted (not one of the choices); use one of auto, 32-true, 32, 64-true, 64, bf16-mixed"),
+    ("trainer.precision=bf16-true", "trainer.precision='bf16-true' is not accepted (not one of the choices)"),
+    ("memory_format=nhwc", "memory_format='nhwc' is not accepted (not one of the choices); use one of auto, channels_last, contiguous"),
 ])
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_accepted_before_any_file(override, expected, tmp_path):
     message = cli_error("fit", *SINE, override, f"hydra.run.dir={tmp_path / 'run'}")
