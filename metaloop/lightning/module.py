@@ -584,7 +584,8 @@ class MetaLightningModule(lightning.LightningModule):
             scheduler.step()
         metrics["loss"] = loss
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=True)
-        self.log_dict({f"hp/{k}": v.detach().float().mean() for k, v in self.learned.items()})
+        if len(self.learned):  # each log_dict call costs Lightning's bookkeeping, even empty
+            self.log_dict({f"hp/{k}": v.detach().float().mean() for k, v in self.learned.items()})
         return loss
 
     def configure_optimizers(self) -> Any:
