@@ -196,7 +196,7 @@ class MetaLightningModule(lightning.LightningModule):
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
         self.batch_tasks = batch_tasks
-        self.batched = self._choose_batching(batch_tasks, "cpu")
+        self.batched = self._choose_batching(batch_tasks, "cpu", "32-true")
         self.memory_format = memory_format
         self._input_format = resolve_memory_format(memory_format, model, "cpu", "32-true")
         model.to(memory_format=self._input_format)
@@ -227,8 +227,11 @@ class MetaLightningModule(lightning.LightningModule):
         })
 
     # -- construction helpers -------------------------------------------------------------
-    def _choose_batching(self, batch_tasks: BatchTasks, device_type: str) -> bool:
+    def _choose_batching(self, batch_tasks: BatchTasks, device_type: str, precision: str) -> bool:
         problems = vmap_problems(self.model, second_order=not self.first_order)
+        norms = [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if precision == "bf16-mixed" and norms and not problems:
+            problems.append(f"under bf16-mixed, BatchNorm's ({norms[0]}) backward fails under vmap in PyTorch 2.13 (mixed dtypes)")
         if batch_tasks == "vmap" and problems:
             raise ValueError(
                 f"batch_tasks='vmap' cannot adapt this model: {'; '.join(problems)}; use batch_tasks='sequential'"
@@ -690,7 +693,7 @@ class MetaLightningModule(lightning.LightningModule):
         """
         check_precision(self.trainer.precision)
         device_type = self.trainer.strategy.root_device.type
-        self.batched = self._choose_batching(self.batch_tasks, device_type)
+        self.batched = self._choose_batching(self.batch_tasks, device_type, str(self.trainer.precision))
         self._input_format = resolve_memory_format(self.memory_format, self.model, device_type, str(self.trainer.precision))
         self.model.to(memory_format=self._input_format)
         self.check_datamodule(self.trainer.datamodule, stage)

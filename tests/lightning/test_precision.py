@@ -261,3 +261,20 @@ def test_channels_last_is_kept_through_inner_steps_and_gives_the_same_meta_gradi
     fmodel = module.adapt((x, torch.arange(5)), 3)
     conv_weights = [w for w in fmodel.weights.values() if w.ndim == 4 and w.shape[1] > 1]
     assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+
+
+def test_vmap_over_batchnorm_under_bf16_mixed_is_refused_and_auto_goes_task_by_task(tmp_path):
+    """PyTorch 2.13's BatchNorm backward fails under vmap with bfloat16 autocast; auto falls back to sequential."""
+    data = MetaDataModule(_image_tasks, meta_batch_size=2, num_val_tasks=0, num_test_tasks=0)
+    for batch_tasks in ("vmap", "auto"):
+        torch.manual_seed(0)
+        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), functools.partial(torch.optim.SGD, lr=0.4), ADAM,
+                                     first_order=True, batch_tasks=batch_tasks)
+        trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+        if batch_tasks == "vmap":
+            with pytest.raises(ValueError, match=r"batch_tasks='vmap' cannot adapt this model: under bf16-mixed, BatchNorm"):
+                trainer.fit(module, datamodule=data)
+        else:
+            trainer.fit(module, datamodule=data)
+            assert not module.batched and trainer.global_step == 1
