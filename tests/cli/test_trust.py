@@ -277,6 +277,18 @@ def test_a_bad_value_is_one_line_naming_key_value_and_what_is_accepted_before_an
     assert not (tmp_path / "run").exists() and not Path("outputs").exists()
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16-mixed", "32"])
+def test_precision_auto_is_resolved_for_the_machine_and_bf16_mixed_trains(precision, tmp_path):
+    from metaloop.lightning import checkpoint_config
+    from metaloop.lightning.precision import auto_precision
+
+    cli("fit", *SINE, f"trainer.precision={precision}", f"hydra.run.dir={tmp_path / 'run'}")
+    saved = checkpoint_config(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    expected = {"auto": auto_precision("cpu"), "bf16-mixed": "bf16-mixed", "32": 32}[precision]
+    assert saved.trainer.precision == expected
+    assert math.isfinite(last_metrics(tmp_path / "run")["train/loss"])
+
+
 def test_a_bad_value_in_any_job_of_a_sweep_fails_before_the_first_job(tmp_path):
     message = cli_error("fit", "-m", *SINE, "seed=0,1,x", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert "seed='x' is not accepted" in message
