@@ -4,7 +4,9 @@ Run ``python -m benchmarks.run`` (all workloads, several minutes on 2 CPU cores)
 ``python -m benchmarks.run --quick``. Peers come from ``pip install -e .[bench]``; a missing
 one is reported and skipped. Before timing, every implementation's meta-gradient is compared
 with the hand-written reference (max abs difference). Timings interleave implementations
-(round robin) so that background load affects all alike; the median is reported.
+(round robin) so that background load affects all alike; the median is reported. The "Lightning"
+rows run ``training_step`` through a ``lightning.Trainer`` (as ``metaloop fit`` does), ``repeats``
+meta-steps after a warm-up one, right after the others.
 """
 
 from __future__ import annotations
@@ -59,12 +61,18 @@ def speed(w: Workload, names: list[str], repeats: int) -> list[dict]:
         scale = max(b.abs().max().item() for b in reference)
         diffs[name] = (max((a - b).abs().max().item() for a, b in zip(grads, reference)), scale)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    looped = {name: step for name, step in steps.items() if not hasattr(step, "fit_seconds")}
     for _ in range(repeats):
-        for name, step in steps.items():
+        for name, step in looped.items():
             w.model.zero_grad(set_to_none=True)
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+    state = {k: v.clone() for k, v in w.model.state_dict().items()}
+    for name, step in steps.items():
+        if name not in looped:  # "Lightning" rows: training_step through a Trainer, which steps the outer optimizer
+            times[name] = step.fit_seconds(repeats)
+            w.model.load_state_dict(state)
     rows = []
     base = 1 / statistics.median(times[REFERENCE])
     higher = 1 / statistics.median(times["higher"]) if "higher" in times else float("nan")

@@ -4,9 +4,10 @@ Each implementation turns a :class:`Workload` into a ``meta_step()`` closure tha
 meta-gradient (the mean query loss over tasks, after ``K`` differentiable inner steps) in
 ``model.parameters()``'s ``.grad``. All use the same model object, so their gradients can be
 compared before they are timed. The two "Lightning" rows build a real
-:class:`~metaloop.lightning.MetaLightningModule` around the model and time its
-:meth:`~metaloop.lightning.MetaLightningModule.meta_gradient`, the body of its ``training_step``
-(everything but the outer optimizer's step and logging).
+:class:`~metaloop.lightning.MetaLightningModule` around the model; their gradient is its
+:meth:`~metaloop.lightning.MetaLightningModule.meta_gradient`, and their time is its
+``training_step`` run by a ``lightning.Trainer`` as ``metaloop fit`` runs it (:func:`fit_step_seconds`:
+outer step, logging and the loop included).
 """
 
 from __future__ import annotations
@@ -139,33 +140,95 @@ def metaloop_ctx_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
     return _context_impl(metaloop)(w, track_higher_grads)
 
 
+def lightning_module(w: Workload, batch_tasks: str, **options) -> MetaLightningModule:
+    """Returns the :class:`MetaLightningModule` of workload ``w`` (its model, inner optimizer, steps), as ``metaloop fit`` builds it."""
+    inner = torch.optim.SGD if w.inner == "sgd" else torch.optim.Adam
+    return MetaLightningModule(
+        w.model, w.objective, inner_optim=functools.partial(inner, lr=w.lr),
+        outer_optim=functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=w.steps, batch_tasks=batch_tasks, **options,
+    )
+
+
+def fit_step_seconds(module: MetaLightningModule, batch: Task, steps: int, callbacks: list | None = None, **trainer) -> list[float]:
+    """Returns the seconds of meta-steps 2 .. ``steps + 1`` of ``Trainer.fit`` on ``batch`` repeated: training_step as ``metaloop fit`` runs it.
+
+    Each meta-step is Lightning's whole loop iteration (fetching the batch, ``training_step`` with its
+    manual backward and outer optimizer step, logging, callbacks); the first (warm-up) is not counted.
+    ``trainer`` adds Trainer arguments (``accelerator``, ``precision``); ``callbacks`` run before the timer.
+    """
+    import lightning
+
+    from metaloop.lightning.callbacks import MetaStepTimer
+
+    timer = MetaStepTimer()
+    fit = lightning.Trainer(
+        max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*(callbacks or []), timer], **{"accelerator": "cpu", **trainer},
+    )
+    fit.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Repeat(batch), batch_size=None))
+    return timer.durations
+
+
+class _Repeat(torch.utils.data.IterableDataset):
+    """Yields one meta-batch for ever."""
+
+    def __init__(self, batch: Task) -> None:
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
 def _lightning_impl(batch_tasks: str) -> Callable[[Workload, bool], MetaStep]:
     def make(w: Workload, track_higher_grads: bool = True) -> MetaStep:
-        inner = torch.optim.SGD if w.inner == "sgd" else torch.optim.Adam
-        module = MetaLightningModule(
-            w.model, w.objective, inner_optim=functools.partial(inner, lr=w.lr),
-            outer_optim=functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=w.steps, batch_tasks=batch_tasks,
-        )
+        module = lightning_module(w, batch_tasks)
         batch = Task(w.support_x, w.support_y, w.query_x, w.query_y)
 
         def meta_step() -> None:
             if track_higher_grads:
-                module.meta_gradient(batch)
+                module.meta_gradient(batch)  # training_step's meta-gradient (the timed rows run training_step: run.py)
             else:  # test mode: adapt without a graph, score the query set
                 for i in range(w.tasks):
                     fmodel = module.adapt((w.support_x[i], w.support_y[i]), w.steps)
                     with torch.no_grad():
                         w.loss(fmodel(w.query_x[i]), w.query_y[i])
 
+        meta_step.fit_seconds = lambda repeats: fit_step_seconds(lightning_module(w, batch_tasks), batch, repeats)  # type: ignore[attr-defined]
         return meta_step
 
     return make
 
 
 lightning_sequential_impl = _lightning_impl("sequential")
-lightning_sequential_impl.__doc__ = "MetaLightningModule(batch_tasks='sequential').meta_gradient: task by task."
+lightning_sequential_impl.__doc__ = "MetaLightningModule(batch_tasks='sequential'): training_step through a Trainer, task by task."
 lightning_vmap_impl = _lightning_impl("vmap")
-lightning_vmap_impl.__doc__ = "MetaLightningModule(batch_tasks='vmap').meta_gradient: all tasks at once under torch.func.vmap."
+lightning_vmap_impl.__doc__ = "MetaLightningModule(batch_tasks='vmap'): training_step through a Trainer, all tasks at once under torch.func.vmap."
+
+
+def plain_vmap_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
+    """Hand-written plain PyTorch with torch.func: vmap over tasks of ``K`` inner SGD steps by ``grad``, one backward.
+
+    Refused for models with BatchNorm: second-order gradients through batch statistics are wrong
+    under vmap in PyTorch 2.13 (see :func:`metaloop.optim.loop.vmap_problems`).
+    """
+    if w.inner != "sgd" or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in w.model.modules()):
+        raise ValueError("plain vmap: written for inner SGD on models without BatchNorm (second order through "
+                         "batch statistics is wrong under vmap in torch 2.13)")
+    names = [n for n, _ in w.model.named_parameters()]
+
+    def task_loss(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        for _ in range(w.steps):
+            g = torch.func.grad(lambda p: w.loss(functional_call(w.model, p, (sx,)), sy))(params)
+            params = {n: params[n] - w.lr * (g[n] if track_higher_grads else g[n].detach()) for n in names}
+        return w.loss(functional_call(w.model, params, (qx,)), qy)
+
+    def meta_step() -> None:
+        params = dict(w.model.named_parameters())
+        losses = torch.func.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, w.support_x, w.support_y, w.query_x, w.query_y)
+        losses.mean().backward()
+
+    return meta_step
 
 
 def torchopt_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
@@ -227,6 +290,7 @@ IMPLEMENTATIONS: dict[str, Callable[[Workload, bool], MetaStep]] = {
     "higher": higher_impl,
     "torchopt": torchopt_impl,
     "plain PyTorch": reference_impl,
+    "plain PyTorch vmap": plain_vmap_impl,
     "metaloop ctx": metaloop_ctx_impl,
     "Lightning sequential": lightning_sequential_impl,
     "Lightning vmap": lightning_vmap_impl,

@@ -398,8 +398,9 @@ def run(cfg: Any) -> dict[str, float]:
     from metaloop.cli.launch import check_scale_out
     from metaloop.cli.report import print_summary, write_results
     from metaloop.cli.runs import resolve_ckpt_path
-    from metaloop.lightning.callbacks import NonFiniteError
+    from metaloop.lightning.callbacks import MetaStepTimer, NonFiniteError
     from metaloop.lightning.checkpoint import CheckpointError, SafeCheckpointIO, check_fits, load_checkpoint
+    from metaloop.lightning.precision import auto_precision
     from metaloop.lightning.runs import SaveRunConfig
 
     try:
@@ -414,6 +415,8 @@ def run(cfg: Any) -> dict[str, float]:
         warnings.filterwarnings("ignore", message=message)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if str(cfg.trainer.get("precision")) == "auto":  # Lightning has no "auto" precision: resolve it for the accelerator
+        cfg.trainer.precision = auto_precision(str(cfg.trainer.get("accelerator", "auto")))
     lightning.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         datamodule = instantiate(cfg.task.datamodule, _convert_="partial")
@@ -457,7 +460,8 @@ def run(cfg: Any) -> dict[str, float]:
     results = {**validated, **{k: float(v) for output in outputs or [] for k, v in output.items()}}
     if trainer.is_global_zero:
         print_summary(cfg, trainer, results, timings, HydraConfig.get().runtime.output_dir)
-        write_results(results, trainer.global_step, timings, HydraConfig.get().runtime.output_dir)
+        rate = next((c.rate for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), None)
+        write_results(results, trainer.global_step, timings, HydraConfig.get().runtime.output_dir, rate)
     return results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
+from metaloop.lightning.callbacks import MetaStepTimer
+
 __all__ = ["LearningCurve", "MetaStepProgressBar", "print_summary", "write_results"]
 
 
@@ -19,8 +22,14 @@ class MetaStepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, counting meta-steps of ``max_steps`` ("meta-step 120/2000").
 
     The task stream is endless, so Lightning's own bar, which counts batches of an epoch out of
-    ``max_epochs``, shows "Epoch 0/-2".
+    ``max_epochs``, shows "Epoch 0/-2". The bar and its metrics are redrawn at most every
+    ``min_interval`` seconds (and at the last meta-step); ``kwargs`` go to ``RichProgressBar``.
     """
+
+    def __init__(self, min_interval: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_interval = min_interval
+        self._shown_at = -math.inf
 
     @property
     def total_train_batches(self) -> int | float:
@@ -35,6 +44,10 @@ class MetaStepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._shown_at < self.min_interval and trainer.global_step < trainer.max_steps:
+            return  # a fast run (100 meta-steps/s) would spend a tenth of its time redrawing the bar
+        self._shown_at = now
         super().on_train_batch_end(trainer, pl_module, *args)
         self._update(self.train_progress_bar_id, trainer.global_step)
 
@@ -136,7 +149,8 @@ def print_summary(
     if "fit" in timings:
         steps = trainer.global_step
         rate = steps / timings["fit"] if timings["fit"] > 0 else float("nan")
-        table.add_row("meta-steps", f"{steps} ({rate:.2f}/s incl. validation; meta-batch {cfg.task.meta_batch_size} per rank)")
+        training = next((f"{c.rate:.2f}/s training, " for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), "")
+        table.add_row("meta-steps", f"{steps} ({training}{rate:.2f}/s incl. validation; meta-batch {cfg.task.meta_batch_size} per rank)")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for key in ("train/loss", "train/acc"):
         if key in metrics:
@@ -157,11 +171,15 @@ def print_summary(
     Console().print(table)
 
 
-def write_results(results: dict[str, float], global_step: int, timings: dict[str, float], run_dir: str | Path) -> Path:
+def write_results(
+    results: dict[str, float], global_step: int, timings: dict[str, float], run_dir: str | Path, meta_steps_per_s: float | None = None
+) -> Path:
     """Returns the path of ``results.json`` in ``run_dir`` after writing the run's final metrics, meta-steps and timings.
 
-    What a sweep reads back from each job (:mod:`metaloop.cli.sweep`); call it on rank 0 only.
+    ``meta_steps_per_s`` is the training rate of :class:`~metaloop.lightning.callbacks.MetaStepTimer` (null
+    without one). What a sweep reads back from each job (:mod:`metaloop.cli.sweep`); call it on rank 0 only.
     """
     path = Path(run_dir) / "results.json"
-    path.write_text(json.dumps({"metrics": results, "global_step": global_step, "timings": timings}, indent=1))
+    record = {"metrics": results, "global_step": global_step, "timings": timings, "meta_steps_per_s": meta_steps_per_s}
+    path.write_text(json.dumps(record, indent=1))
     return path

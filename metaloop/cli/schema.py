@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from metaloop.lightning.precision import ACCEPTED_PRECISIONS, MEMORY_FORMATS
+
 __all__ = ["ConfigError", "KEYS", "Key", "check_command_line", "check_config", "check_recipe_chain", "check_recipe_keys"]
 
 _HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
@@ -66,7 +68,8 @@ class Key:
         if self.kind == "number":
             return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "not a number"
         if self.kind == "choice":
-            return None if value in self.choices else "not one of the choices"
+            # YAML reads `32` as a number; a choice compares by its text (booleans are never a choice)
+            return None if not isinstance(value, bool) and str(value) in self.choices else "not one of the choices"
         if not isinstance(value, str):
             return "not a string"
         if self.kind == "regex":
@@ -124,6 +127,12 @@ KEYS: dict[str, Key] = {
     "model.per_step_weights": Key("bool"),
     "model.per_step_stats": Key("bool"),
     "model.eval_stats": Key("choice", choices=("running", "batch"), hint="what normalises in evaluation: the step's running statistics or the batch's"),
+    "memory_format": Key("choice", choices=MEMORY_FORMATS, hint="channels_last is faster for conv nets on GPUs and bf16 CPUs"),
+    "trainer.precision": Key(
+        "choice", choices=ACCEPTED_PRECISIONS,
+        hint="auto: bf16-mixed where bfloat16 is fast, else 32-true; 16-mixed is refused: the inner loop's gradients "
+        "are not loss-scaled and underflow in float16",
+    ),
     "trainer.max_steps": _int(1, hint="meta-steps; the task stream is endless, so a run needs an end"),
     "trainer.val_check_interval": _int(1, hint="meta-steps between validations and checkpoints"),
     "trainer.max_time": Key("str", optional=True, hint="a wall-clock limit DD:HH:MM:SS, e.g. 00:00:05:00"),
@@ -145,7 +154,7 @@ KEYS: dict[str, Key] = {
     "task.root": Key("str", optional=True),
 }
 # leaves whose default's type does not say what they accept (Lightning takes several forms)
-_FREE_FORM = {"trainer.devices", "trainer.accelerator", "trainer.strategy", "trainer.precision"}
+_FREE_FORM = {"trainer.devices", "trainer.accelerator", "trainer.strategy"}
 
 
 # -- recipe files ---------------------------------------------------------------------------

@@ -206,14 +206,14 @@ class MAMLPlusPlus(MetaLightningModule):
         self._stepwise = any(isinstance(m, PerStepBatchNorm2d) for m in model.modules())
 
     # -- construction hooks -----------------------------------------------------------------
-    def _choose_batching(self, batch_tasks: BatchTasks) -> bool:
+    def _choose_batching(self, batch_tasks: BatchTasks, device_type: str, precision: str) -> bool:
         per_step_norms = [n for n, m in self.model.named_modules() if isinstance(m, PerStepBatchNorm2d)]
         if per_step_norms and batch_tasks == "vmap":
             raise ValueError(
                 f"batch_tasks='vmap' cannot adapt a model with per-step BatchNorm ({', '.join(per_step_norms[:3])}): "
                 "second-order gradients through BatchNorm are wrong under vmap in PyTorch 2.13; use batch_tasks='sequential'"
             )
-        return False if per_step_norms else super()._choose_batching(batch_tasks)
+        return False if per_step_norms else super()._choose_batching(batch_tasks, device_type, precision)
 
     def _select_adapted(self, pattern: str | None) -> list[str]:
         norms = {

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.lightning import Classification, Conv4, MeanWithConfidence, MetaDataModule
+from metaloop.lightning.precision import MEMORY_FORMATS, MemoryFormat, check_precision, resolve_memory_format, to_memory_format
 from metaloop.tasks import Task, sample_task
 
 __all__ = ["FewShotHead", "head_logits", "conv4_backbone", "PrototypicalModule"]
@@ -37,12 +38,16 @@ def head_logits(backbone: Callable[[Tensor], Tensor], head: FewShotHead, support
     """Returns the head's logits for ``query_x`` after fitting it on the embedded support set, shape ``(n_query, n_ways)``.
 
     Support and query pass through ``backbone`` together (one forward; batch statistics, if
-    any, cover the whole task, as in Snell et al.'s code).
+    any, cover the whole task, as in Snell et al.'s code). The head is fitted and applied in
+    float32 with autocast off: under ``bf16-mixed`` the backbone runs in bfloat16, but the
+    prototypes' distances and the SVM's dual solver (the inner problem) keep float32 arithmetic.
     """
     embeddings = backbone(torch.cat([support_x, query_x]))
-    support, query = embeddings[: support_x.size(0)], embeddings[support_x.size(0) :]
-    head.fit_(support, support_y)
-    return head(query)
+    with torch.autocast(embeddings.device.type, enabled=False):
+        embeddings = embeddings.float()
+        support, query = embeddings[: support_x.size(0)], embeddings[support_x.size(0) :]
+        head.fit_(support, support_y)
+        return head(query)
 
 
 def conv4_backbone(in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> nn.Module:
@@ -68,6 +73,9 @@ class PrototypicalModule(lightning.LightningModule):
         head: ``PrototypicalClassifier()`` or ``SVClassifier(C_reg=0.1, max_iters=15)``.
         outer_optim: an optimizer partial, called on the backbone's parameters.
         scheduler: an LR scheduler partial called on the optimizer, stepped every meta-step.
+        memory_format: the backbone's and its input images' memory format, as
+            :class:`~metaloop.lightning.MetaLightningModule`'s (``"auto"``, ``"channels_last"``,
+            ``"contiguous"``), resolved in :meth:`setup` for the Trainer's device and precision.
     """
 
     def __init__(
@@ -76,6 +84,7 @@ class PrototypicalModule(lightning.LightningModule):
         head: FewShotHead,
         outer_optim: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         super().__init__()
         if not callable(getattr(head, "fit_", None)):
@@ -83,7 +92,11 @@ class PrototypicalModule(lightning.LightningModule):
                 f"head {type(head).__name__} has no fit_(support, labels); use metaloop.nn.PrototypicalClassifier "
                 "or metaloop.nn.SVClassifier"
             )
-        self.backbone = backbone
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format={memory_format!r} is not one of {', '.join(repr(m) for m in MEMORY_FORMATS)}")
+        self.memory_format = memory_format
+        self._input_format = resolve_memory_format(memory_format, backbone, "cpu", "32-true")
+        self.backbone = backbone.to(memory_format=self._input_format)
         self.head = head
         self.outer_optim = outer_optim
         self.scheduler = scheduler
@@ -97,6 +110,7 @@ class PrototypicalModule(lightning.LightningModule):
         return self.objective.metrics(head_logits(self.backbone, self.head, support_x, support_y, query_x), query_y)
 
     def _batch_metrics(self, batch: Task) -> dict[str, Tensor]:
+        batch = Task(*(to_memory_format(field, self._input_format) for field in batch))
         per_task = [self.task_metrics(*(field[i] for field in batch)) for i in range(batch.support_x.shape[0])]
         return {k: torch.stack([m[k] for m in per_task]) for k in per_task[0]}
 
@@ -159,5 +173,14 @@ class PrototypicalModule(lightning.LightningModule):
         self.check_task(sample_task(datamodule.tasks, _STAGE_SPLITS[stage], datamodule.seed, 0))
 
     def setup(self, stage: str) -> None:
-        """Checks the attached data module's tasks against the backbone and head before any step runs."""
+        """Checks the Trainer's precision and the attached data module's tasks against the backbone and head before
+        any step runs, and chooses ``memory_format="auto"`` for the Trainer's device and precision.
+
+        Raises:
+            ValueError: for a precision the head cannot take (see :func:`~metaloop.lightning.precision.check_precision`).
+        """
+        check_precision(self.trainer.precision)
+        device_type = self.trainer.strategy.root_device.type
+        self._input_format = resolve_memory_format(self.memory_format, self.backbone, device_type, str(self.trainer.precision))
+        self.backbone.to(memory_format=self._input_format)
         self.check_datamodule(self.trainer.datamodule, stage)

@@ -28,6 +28,7 @@ from metaloop.lightning.datamodule import MetaDataModule
 from metaloop.lightning.learned import Learned, is_number_or_tuple
 from metaloop.lightning.metrics import MeanWithConfidence
 from metaloop.lightning.objectives import Objective
+from metaloop.lightning.precision import MEMORY_FORMATS, MemoryFormat, check_precision, resolve_memory_format, to_memory_format
 from metaloop.optim import Rule, get_rule
 from metaloop.optim.hyperparams import per_parameter
 from metaloop.optim.implicit import ImplicitOptions, implicit_inner_loop
@@ -44,6 +45,15 @@ BatchTasks = Literal["auto", "vmap", "sequential"]
 MetaGrad = Literal["unrolled", "truncated", "implicit"]
 
 _STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
+
+# What batch_tasks="auto" picks for a model that vmap can adapt, by device type and model kind ("conv": it has a
+# 2-D convolution). Measured with benchmarks/run.py (CPU) and benchmarks/gpu.py (CUDA); devices not listed: "cpu".
+AUTO_BATCHING: dict[tuple[str, str], Literal["vmap", "sequential"]] = {
+    ("cpu", "conv"): "sequential",  # vmapped conv nets are slower on CPU (benchmarks/results/results.md)
+    ("cpu", "other"): "vmap",
+    ("cuda", "conv"): "sequential",
+    ("cuda", "other"): "vmap",
+}
 
 
 class _LastCall:
@@ -112,7 +122,9 @@ class MetaLightningModule(lightning.LightningModule):
         batch_tasks: ``"vmap"`` adapts a meta-batch at once under :func:`torch.func.vmap` (one
             backward), ``"sequential"`` task by task with one backward each (memory of one task;
             under DDP only the last task's backward synchronises). ``"auto"``: sequential for models
-            with buffers or convolutions (vmap is slower for conv nets on CPU), vmap otherwise.
+            with buffers (or, second order, BatchNorm), otherwise :data:`AUTO_BATCHING`'s choice for the
+            device type the module runs on and whether the model has convolutions (CPU: conv nets
+            sequential, vmap otherwise). Re-chosen in :meth:`setup` for the Trainer's device.
         head: name of the classifier module, re-created for :meth:`adapt` with another ``n_ways``.
         meta_grad: how the meta-gradient goes through the inner loop. ``"unrolled"``: through every
             inner step. ``"truncated"``: through the last ``truncate`` steps only (the earlier ones
@@ -126,6 +138,16 @@ class MetaLightningModule(lightning.LightningModule):
         implicit: ``lam``, ``solver`` (``"cg"`` or ``"neumann"``), ``maxiter`` and ``tol`` of
             ``meta_grad="implicit"`` (:class:`~metaloop.optim.implicit.ImplicitOptions` or a mapping
             of its fields; defaults when None); unused by the other modes.
+        memory_format: ``"channels_last"`` keeps a conv net's weights and its input images in
+            channels-last (NHWC) memory, ``"contiguous"`` in NCHW; ``"auto"`` picks channels-last
+            where it is faster (see :func:`metaloop.lightning.precision.auto_memory_format`: on CUDA,
+            and on CPUs with fast bfloat16 under ``bf16-mixed``), resolved in :meth:`setup` for the
+            Trainer's device and precision (contiguous outside a Trainer). Inner steps keep the format.
+
+    Precision: under Lightning's ``trainer.precision="bf16-mixed"`` the inner loop's forward and
+    backward passes run under bfloat16 autocast while weights, fast weights, inner optimizer state
+    and learned hyperparameters stay float32; ``"16-mixed"`` and 16-bit weights are refused in
+    :meth:`setup` (see :func:`metaloop.lightning.precision.check_precision`).
 
     Raises:
         ValueError: at construction, for a pattern that matches no parameter, a learned name that
@@ -151,6 +173,7 @@ class MetaLightningModule(lightning.LightningModule):
         meta_grad: MetaGrad = "unrolled",
         truncate: int | None = None,
         implicit: ImplicitOptions | Mapping[str, Any] | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         super().__init__()
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
@@ -159,6 +182,8 @@ class MetaLightningModule(lightning.LightningModule):
                 raise ValueError(f"{name}={value} must be >= 0; pass the number of inner-loop steps")
         if batch_tasks not in ("auto", "vmap", "sequential"):
             raise ValueError(f"batch_tasks={batch_tasks!r} is not one of 'auto', 'vmap', 'sequential'")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format={memory_format!r} is not one of {', '.join(repr(m) for m in MEMORY_FORMATS)}")
         self.save_hyperparameters(
             "inner_steps", "eval_inner_steps", "first_order", "adapt_params", "batch_tasks", "head", "meta_grad", "truncate"
         )
@@ -170,7 +195,11 @@ class MetaLightningModule(lightning.LightningModule):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
-        self.batched = self._choose_batching(batch_tasks)
+        self.batch_tasks = batch_tasks
+        self.batched = self._choose_batching(batch_tasks, "cpu", "32-true")
+        self.memory_format = memory_format
+        self._input_format = resolve_memory_format(memory_format, model, "cpu", "32-true")
+        model.to(memory_format=self._input_format)
         self.head = self._find_head(head)
         self.adapted_names = self._select_adapted(adapt_params)
         self.rule, self._inner_hparams = self._read_inner_optimizer(inner_optim)
@@ -198,16 +227,20 @@ class MetaLightningModule(lightning.LightningModule):
         })
 
     # -- construction helpers -------------------------------------------------------------
-    def _choose_batching(self, batch_tasks: BatchTasks) -> bool:
+    def _choose_batching(self, batch_tasks: BatchTasks, device_type: str, precision: str) -> bool:
         problems = vmap_problems(self.model, second_order=not self.first_order)
+        norms = [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if precision == "bf16-mixed" and norms and not problems:
+            problems.append(f"under bf16-mixed, BatchNorm's ({norms[0]}) backward fails under vmap in PyTorch 2.13 (mixed dtypes)")
         if batch_tasks == "vmap" and problems:
             raise ValueError(
                 f"batch_tasks='vmap' cannot adapt this model: {'; '.join(problems)}; use batch_tasks='sequential'"
                 + (", or BatchNorm without running statistics (track_running_stats=False)" if "buffers" in problems[0] else "")
             )
         if batch_tasks == "auto":
-            conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
-            return not (problems or conv)
+            kind = "conv" if any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules()) else "other"
+            choice = AUTO_BATCHING.get((device_type, kind), AUTO_BATCHING[("cpu", kind)])
+            return not problems and choice == "vmap"
         return batch_tasks == "vmap"
 
     def _find_head(self, head: str | None) -> str | None:
@@ -492,6 +525,7 @@ class MetaLightningModule(lightning.LightningModule):
         backward) or looped over (one chunk per task: the graph of one task at a time, and a
         caller can backpropagate each chunk before the next is computed).
         """
+        batch = Task(*(to_memory_format(field, self._input_format) for field in batch))
         if self.batched:
             yield True, torch.func.vmap(functools.partial(fn, batched=True))(*batch)
             return
@@ -553,7 +587,8 @@ class MetaLightningModule(lightning.LightningModule):
             scheduler.step()
         metrics["loss"] = loss
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=True)
-        self.log_dict({f"hp/{k}": v.detach().float().mean() for k, v in self.learned.items()})
+        if len(self.learned):  # each log_dict call costs Lightning's bookkeeping, even empty
+            self.log_dict({f"hp/{k}": v.detach().float().mean() for k, v in self.learned.items()})
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -650,7 +685,17 @@ class MetaLightningModule(lightning.LightningModule):
         self.check_task(sample_task(datamodule.tasks, _STAGE_SPLITS[stage], datamodule.seed, 0), stage)
 
     def setup(self, stage: str) -> None:
-        """Checks the attached data module's tasks against the model before any step runs."""
+        """Checks the Trainer's precision and the attached data module's tasks before any step runs, and
+        chooses ``batch_tasks="auto"`` and ``memory_format="auto"`` for the Trainer's device and precision.
+
+        Raises:
+            ValueError: for a precision the inner loop cannot take (see :func:`~metaloop.lightning.precision.check_precision`).
+        """
+        check_precision(self.trainer.precision)
+        device_type = self.trainer.strategy.root_device.type
+        self.batched = self._choose_batching(self.batch_tasks, device_type, str(self.trainer.precision))
+        self._input_format = resolve_memory_format(self.memory_format, self.model, device_type, str(self.trainer.precision))
+        self.model.to(memory_format=self._input_format)
         self.check_datamodule(self.trainer.datamodule, stage)
 
 

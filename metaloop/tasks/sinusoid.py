@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -16,8 +17,13 @@ X_RANGE = (-5.0, 5.0)
 
 
 def _uniform(bounds: tuple[float, float], shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return _uniform_of(bounds, torch.rand(shape, generator=generator))
+
+
+def _uniform_of(bounds: tuple[float, float], unit: torch.Tensor) -> torch.Tensor:
+    """Returns ``unit`` (draws from U[0, 1)) mapped to U[low, high)."""
     low, high = bounds
-    return low + (high - low) * torch.rand(shape, generator=generator)
+    return low + (high - low) * unit
 
 
 class SinusoidTasks:
@@ -42,3 +48,18 @@ class SinusoidTasks:
         x = _uniform(X_RANGE, (self.k_shots + self.k_queries, 1), generator)
         y = amplitude * torch.sin(x - phase)
         return Task(x[: self.k_shots], y[: self.k_shots], x[self.k_shots :], y[self.k_shots :])
+
+    def batch(self, split: str, generators: Sequence[torch.Generator]) -> Task:
+        """Returns the meta-batch of one task per generator: the same draws and values as stacking single calls.
+
+        Each generator draws what :meth:`__call__` draws, in the same order; the arithmetic then
+        runs once over the meta-batch (a few operations instead of a few per task: task sampling
+        was a third of a sinusoid meta-step's time).
+        """
+        k = self.k_shots + self.k_queries
+        draws = [(torch.rand((), generator=g), torch.rand((), generator=g), torch.rand((k, 1), generator=g)) for g in generators]
+        amplitude = _uniform_of(AMPLITUDE_RANGE, torch.stack([d[0] for d in draws]).view(-1, 1, 1))
+        phase = _uniform_of(PHASE_RANGE, torch.stack([d[1] for d in draws]).view(-1, 1, 1))
+        x = _uniform_of(X_RANGE, torch.stack([d[2] for d in draws]))
+        y = amplitude * torch.sin(x - phase)
+        return Task(x[:, : self.k_shots], y[:, : self.k_shots], x[:, self.k_shots :], y[:, self.k_shots :])

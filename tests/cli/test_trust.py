@@ -267,11 +267,26 @@ def test_two_runs_started_at_once_in_one_folder_one_fails(tmp_path):
     ("inner.meta_grad=implicitt", "inner.meta_grad='implicitt' is not accepted (not one of the choices); use one of unrolled, truncated, implicit"),
     ("inner.implicit.solver=lu", "inner.implicit.solver='lu' is not accepted"),
     ("inner.truncate=0", "inner.truncate=0 is not accepted (it is below 1)"),
+    ("trainer.precision=16-mixed", "trainer.precision='16-mixed' is not accepted (not one of the choices); use one of auto, 32-true, 32, 64-true, 64, bf16-mixed"),
+    ("trainer.precision=bf16-true", "trainer.precision='bf16-true' is not accepted (not one of the choices)"),
+    ("memory_format=nhwc", "memory_format='nhwc' is not accepted (not one of the choices); use one of auto, channels_last, contiguous"),
 ])
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_accepted_before_any_file(override, expected, tmp_path):
     message = cli_error("fit", *SINE, override, f"hydra.run.dir={tmp_path / 'run'}")
     assert expected in message and len(message.splitlines()) == 1
     assert not (tmp_path / "run").exists() and not Path("outputs").exists()
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16-mixed", "32"])
+def test_precision_auto_is_resolved_for_the_machine_and_bf16_mixed_trains(precision, tmp_path):
+    from metaloop.lightning import checkpoint_config
+    from metaloop.lightning.precision import auto_precision
+
+    cli("fit", *SINE, f"trainer.precision={precision}", f"hydra.run.dir={tmp_path / 'run'}")
+    saved = checkpoint_config(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    expected = {"auto": auto_precision("cpu"), "bf16-mixed": "bf16-mixed", "32": 32}[precision]
+    assert saved.trainer.precision == expected
+    assert math.isfinite(last_metrics(tmp_path / "run")["train/loss"])
 
 
 def test_a_bad_value_in_any_job_of_a_sweep_fails_before_the_first_job(tmp_path):

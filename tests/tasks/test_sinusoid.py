@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metaloop.tasks import SinusoidTasks, sample_meta_batch
+from metaloop.tasks import SinusoidTasks, sample_meta_batch, sample_task, stack_tasks
 
 
 def fit_sinusoid(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +51,11 @@ def test_test_set_is_fixed_and_apart_from_training() -> None:
 def test_bad_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="k_shots=0 and k_queries=10 must both be at least 1"):
         SinusoidTasks(k_shots=0)
+
+
+@pytest.mark.parametrize("k_shots,k_queries", [(10, 10), (5, 10), (1, 1), (50, 50), (10, 300)])
+def test_a_meta_batch_in_one_call_is_bit_identical_to_stacked_single_tasks(k_shots: int, k_queries: int) -> None:
+    tasks = SinusoidTasks(k_shots, k_queries)
+    batched = sample_meta_batch(tasks, "train", 3, range(40, 77), stream=1)
+    single = stack_tasks([sample_task(tasks, "train", 3, i, stream=1) for i in range(40, 77)])
+    assert all(torch.equal(a, b) for a, b in zip(batched, single))
