@@ -132,8 +132,11 @@ def write_report(path: Path, title: str, body: str, command: str, wall_s: float)
 
 def plot_curves(runs: Mapping[str, Path], metric: str, path: Path, ylabel: str, log_y: bool = False) -> None:
     """Saves a PNG of the validation ``val/<metric>_post`` (with its 95% band) against meta-steps, one line per run."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the tables still come; plot later from the runs' metrics.csv
+        print(f"matplotlib is not installed: {path} was not drawn", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
