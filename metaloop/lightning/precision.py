@@ -84,23 +84,31 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def auto_memory_format(model: nn.Module, device_type: str, precision: str) -> torch.memory_format:
-    """Returns the memory format ``"auto"`` stands for: channels-last for a conv net on CUDA, or on a CPU under bf16-mixed with fast bfloat16; contiguous otherwise."""
-    if not has_conv(model):
+def auto_memory_format(model: nn.Module, device_type: str, precision: str, batched: bool = False) -> torch.memory_format:
+    """Returns the memory format ``"auto"`` stands for: channels-last for a conv net under bf16-mixed on CUDA or on a CPU with fast bfloat16; contiguous otherwise.
+
+    Measured (``benchmarks/results/gpu_h200.md``): on an H200, channels-last makes sequential MAML 1.24x
+    faster under bf16-mixed and 0.82x slower in float32. Tasks adapted under vmap (``batched``) stay
+    contiguous: first-order MAML vmapped on CUDA failed in channels-last ("Tensor.clone(memory_format)
+    inside vmap is only supported with ... preserve_format or contiguous_format").
+    """
+    if batched or not has_conv(model) or precision != "bf16-mixed":
         return torch.contiguous_format
-    if device_type == "cuda" or (device_type == "cpu" and precision == "bf16-mixed" and bf16_fast("cpu")):
+    if device_type == "cuda" or (device_type == "cpu" and bf16_fast("cpu")):
         return torch.channels_last
     return torch.contiguous_format
 
 
-def resolve_memory_format(choice: str, model: nn.Module, device_type: str, precision: str) -> torch.memory_format:
+def resolve_memory_format(
+    choice: str, model: nn.Module, device_type: str, precision: str, batched: bool = False
+) -> torch.memory_format:
     """Returns the ``torch.memory_format`` of ``choice`` (``"auto"``, ``"channels_last"`` or ``"contiguous"``).
 
     Raises:
         ValueError: for another ``choice``.
     """
     if choice == "auto":
-        return auto_memory_format(model, device_type, precision)
+        return auto_memory_format(model, device_type, precision, batched)
     if choice == "channels_last":
         return torch.channels_last
     if choice == "contiguous":

@@ -250,7 +250,10 @@ def test_evaluation_with_more_ways_than_the_head_starts_from_a_zero_head():
     assert logged["val/loss_pre"] == pytest.approx(math.log(7), rel=1e-5)
     assert logged["val/acc_post"] > 1 / 7
     task = datamodule.tasks("val", torch.Generator().manual_seed(0))
-    assert module.adapt((task.support_x, task.support_y), n_ways=7)(task.query_x).shape == (14, 7)
+    logits = module.adapt((task.support_x, task.support_y), n_ways=7)(task.query_x)
+    assert logits.shape == (14, 7)
+    # the new head is adapted (a zero head that stayed zero would give every query the same logits)
+    assert float(logits.std(0).mean()) > 1e-3
 
 
 def test_a_new_head_uses_the_mean_of_the_learned_per_element_rates():
