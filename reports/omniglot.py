@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--runs", type=Path, default=RUN_DIR / "omniglot", help="where the run folders go")
     parser.add_argument("--report-dir", type=Path, default=REPORT_DIR)
+    parser.add_argument("--render-only", action="store_true", help="rewrite omniglot.md from omniglot.json (rows merged from other machines); run nothing")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -201,9 +202,13 @@ def main(argv: list[str] | None = None) -> None:
             + "\n\n![validation accuracy](omniglot.png)"
         )
         finished = {f"{r} ({w}-way)": args.runs / f"{r}_{w}way" for (r, w), res in zip(fits, results) if res is not None}
-        plot_curves(finished, "acc", args.report_dir / "omniglot.png", "validation accuracy (trained setting)")
+        if finished:
+            plot_curves(finished, "acc", args.report_dir / "omniglot.png", "validation accuracy (trained setting)")
         write_report(args.report_dir / "omniglot.md", "Omniglot few-shot classification", body, command, time.perf_counter() - start)
 
+    if args.render_only:
+        report([])
+        return
     failed: list[str] = []
     jobs = [lambda recipe=recipe, ways=ways: _guarded(train_and_test, recipe, ways) for recipe, ways in fits]
     results = parallel(jobs, args.jobs, progress=report)
