@@ -70,13 +70,16 @@ def bf16_fast(device_type: str) -> bool:
 
 
 def auto_precision(accelerator: str) -> str:
-    """Returns the precision ``"auto"`` stands for on ``accelerator``: ``"bf16-mixed"`` where bfloat16 is fast (:func:`bf16_fast`), else ``"32-true"``.
+    """Returns the precision ``"auto"`` stands for on ``accelerator``: ``"bf16-mixed"`` on a CPU with fast bfloat16 (:func:`bf16_fast`), else ``"32-true"``.
 
     ``accelerator`` is Lightning's flag (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``); ``"auto"``
-    and ``"gpu"`` mean CUDA when it is available.
+    and ``"gpu"`` mean CUDA when it is available. On CUDA it is float32: meta-learning's small
+    models are launch-bound there, and on an H200 bf16-mixed made MAML slower (1.70 against 2.47
+    meta-steps/s for the Omniglot conv-4, ``benchmarks/results/gpu_h200.md``). On CPUs with
+    AVX-512 BF16 or AMX, bf16-mixed made the same MAML step 2.2x faster (issue 14's measurement).
     """
     device_type = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else accelerator
-    return "bf16-mixed" if bf16_fast(device_type) else "32-true"
+    return "bf16-mixed" if device_type == "cpu" and bf16_fast("cpu") else "32-true"
 
 
 def has_conv(model: nn.Module) -> bool:
