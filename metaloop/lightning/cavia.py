@@ -21,6 +21,7 @@ from metaloop.lightning.learned import Learned
 from metaloop.lightning.models import MLP, Conv4
 from metaloop.lightning.module import BatchTasks, MetaGrad, MetaLightningModule, OptimizerFactory, SchedulerFactory
 from metaloop.lightning.objectives import Objective
+from metaloop.lightning.precision import MemoryFormat
 from metaloop.optim.implicit import ImplicitOptions
 
 __all__ = ["CaviaModule", "ContextMLP", "FiLMConv4", "CONTEXT"]
@@ -128,6 +129,7 @@ class CaviaModule(MetaLightningModule):
         meta_grad: MetaGrad = "unrolled",
         truncate: int | None = None,
         implicit: ImplicitOptions | Mapping[str, Any] | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         pattern = CONTEXT if adapt_params is None else adapt_params
         names = [n for n, _ in model.named_parameters()]
@@ -142,6 +144,7 @@ class CaviaModule(MetaLightningModule):
             model, objective, inner_optim, outer_optim, scheduler, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=first_order, adapt_params=pattern, learnable=learnable,
             batch_tasks=batch_tasks, head=head, meta_grad=meta_grad, truncate=truncate, implicit=implicit,
+            memory_format=memory_format,
         )
         if self.head is not None and any(n.startswith(f"{self.head}.") for n in self.adapted_names):
             raise ValueError(

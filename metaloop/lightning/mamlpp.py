@@ -36,6 +36,7 @@ from metaloop.lightning.module import (
     _LastCall,
 )
 from metaloop.lightning.objectives import Objective
+from metaloop.lightning.precision import MemoryFormat
 from metaloop.nn.per_step import PerStepBatchNorm2d
 from metaloop.optim.loop import inner_trajectory
 from metaloop.tasks import Task
@@ -166,6 +167,7 @@ class MAMLPlusPlus(MetaLightningModule):
         first_order: bool = False,
         meta_grad: MetaGrad = "unrolled",
         truncate: int | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         if meta_grad != "unrolled":
             raise ValueError(
@@ -194,7 +196,7 @@ class MAMLPlusPlus(MetaLightningModule):
         super().__init__(
             model, objective, inner_optim, outer_optim, scheduler=scheduler, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, adapt_params=adapt_params, learnable=learnable,
-            batch_tasks=batch_tasks, head=head, first_order=first_order, truncate=truncate,
+            batch_tasks=batch_tasks, head=head, first_order=first_order, truncate=truncate, memory_format=memory_format,
         )
         self.save_hyperparameters(
             "inner_steps", "eval_inner_steps", "adapt_params", "batch_tasks", "head", "lslr", "msl",

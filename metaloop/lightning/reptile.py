@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from metaloop.lightning.learned import Learned
 from metaloop.lightning.module import Batch, BatchTasks, MetaGrad, MetaLightningModule, OptimizerFactory, SchedulerFactory
 from metaloop.lightning.objectives import Objective
+from metaloop.lightning.precision import MemoryFormat
 from metaloop.tasks import Task
 
 __all__ = ["ReptileModule", "mini_batches"]
@@ -78,6 +79,7 @@ class ReptileModule(MetaLightningModule):
         train_on_query: bool = False,
         learnable: Mapping[str, Learned] | None = None,
         meta_grad: MetaGrad = "unrolled",
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         if inner_batch is not None and (isinstance(inner_batch, bool) or not isinstance(inner_batch, int) or inner_batch < 1):
             raise ValueError(f"inner_batch={inner_batch!r} must be a positive whole number of examples, or None for all of them")
@@ -95,7 +97,7 @@ class ReptileModule(MetaLightningModule):
         super().__init__(
             model, objective, inner_optim, outer_optim, scheduler, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=True, adapt_params=adapt_params, batch_tasks=batch_tasks,
-            head=head,
+            head=head, memory_format=memory_format,
         )
         self.inner_batch, self.train_on_query = inner_batch, train_on_query
         self._schedule: Iterator[Tensor] | None = None

@@ -110,3 +110,10 @@ def test_reptile_tests_a_five_way_model_on_twenty_way_five_shot_tasks(tmp_path):
         f"ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}", "task.datamodule.tasks.n_ways=20",
         "task.datamodule.tasks.k_shots=5", f"hydra.run.dir={tmp_path / 'test'}")
     assert 0.0 <= last_metrics(tmp_path / "test")["test/acc_post"] <= 1.0
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in recipe_dir().glob("*.yaml")))
+def test_every_recipe_module_takes_the_memory_format(recipe):
+    # a top-level key that a module's config did not pass on would be silently ignored
+    module = instantiate(composed(recipe, ["memory_format=contiguous"]).module, _convert_="partial")
+    assert module.memory_format == "contiguous"
