@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -34,6 +33,7 @@ from metaloop.lightning.module import (
     OptimizerFactory,
     SchedulerFactory,
     _LastCall,
+    inner_grad_mode,
 )
 from metaloop.lightning.objectives import Objective
 from metaloop.lightning.precision import MemoryFormat
@@ -302,11 +302,7 @@ class MAMLPlusPlus(MetaLightningModule):
     ) -> StepModel:
         """Returns the model after ``steps`` inner steps (``eval_inner_steps`` if None); see :meth:`adapt`."""
         steps = self.eval_inner_steps if steps is None else steps
-        with contextlib.ExitStack() as stack:
-            if not create_graph:
-                # evaluation hooks run under inference mode or no_grad; the inner loop needs gradients
-                stack.enter_context(torch.inference_mode(False))
-                stack.enter_context(torch.enable_grad())
+        with inner_grad_mode(create_graph):
             for fmodel in self._trajectory(support, steps, n_ways=n_ways, create_graph=create_graph, batched=batched):
                 pass  # the last step's model
         return fmodel

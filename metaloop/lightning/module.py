@@ -56,6 +56,19 @@ AUTO_BATCHING: dict[tuple[str, str], Literal["vmap", "sequential"]] = {
 }
 
 
+@contextlib.contextmanager
+def inner_grad_mode(create_graph: bool) -> Iterator[None]:
+    """Enables the gradients an inner loop takes: evaluation hooks run under inference mode or ``no_grad``.
+
+    With ``create_graph`` (training) the caller's mode already records the graph and is kept.
+    """
+    if create_graph:
+        yield
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 class _LastCall:
     """Wraps an adapted model, remembering its last call; :meth:`replay` answers that same call again from memory."""
 
@@ -465,11 +478,7 @@ class MetaLightningModule(lightning.LightningModule):
     ) -> AdaptedModel:
         """:meth:`adapt`, also under :func:`torch.func.vmap` over tasks (``batched=True``)."""
         steps = self.eval_inner_steps if steps is None else steps
-        with contextlib.ExitStack() as stack:
-            if not create_graph:
-                # evaluation hooks run under inference mode or no_grad; the inner loop needs gradients
-                stack.enter_context(torch.inference_mode(False))
-                stack.enter_context(torch.enable_grad())
+        with inner_grad_mode(create_graph):
             params, hparams = self._initial_weights(n_ways)
             fixed = {n: p for n, p in params.items() if n not in hparams}
 
