@@ -4,13 +4,15 @@
 #   2. at once: every Omniglot recipe (reports.omniglot, a time budget per fit) and the cross-alphabet
 #      recipes (reports.cross_alphabet) on the GPU.
 # Run from the repository root with CUDA torch, lightning and hydra-core installed (no internet needed;
-# metaloop runs from this checkout). With $OUT set, the reports (md, json, png), logs and the runs'
-# metrics land there; reports/*.json are read first, so rows measured elsewhere are kept.
+# metaloop runs from this checkout). With $OUT set, one file lands there, gpu_results.tar.gz: the reports
+# (md, json, png), the benchmark table, the logs and the runs' metrics (a lent machine returns few files);
+# reports/*.json are read first, so rows measured elsewhere are kept.
 #   MINUTES=5 OUT=/tmp/out bash scripts/gpu_results.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-OUT=${OUT:-$(mktemp -d /tmp/metaloop_gpu_results.XXXX)}
+FINAL=${OUT:-.}
+OUT=$(mktemp -d /tmp/metaloop_gpu_results.XXXX)
 MINUTES=${MINUTES:-5}            # wall-time budget of each Omniglot fit
 BENCH_S=${BENCH_S:-110}          # the benchmarks' time limit
 RUNS=$(mktemp -d /tmp/metaloop_runs.XXXX)
@@ -48,3 +50,4 @@ stamp() { echo "[$((SECONDS - T0)) s] $*"; }
 # the runs' small files (metrics, results, configs, the fit/test logs), no checkpoints
 (cd "$RUNS" && find . \( -name metrics.csv -o -name results.json -o -name config.yaml -o -name overrides.yaml -o -name '*.log' \) \
     -size -2M -print0 | tar --null -czf "$OUT/runs.tar.gz" --files-from=-) || true
+tar -czf "$FINAL/gpu_results.tar.gz" -C "$OUT" . && echo "wrote $FINAL/gpu_results.tar.gz"
