@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         header = ["recipe", "K", "meta-steps", f"test MSE, {args.test_tasks} tasks (95% CI)", "Li et al. 2017", "target", "met"]
         body = (
             table(header, rows)
-            + f"\n\nK support and 10 query points per task; MAML and Meta-SGD take one inner step at test, iMAML and"
-            + f" CAVIA their recipes' test steps (`inner.eval_steps`); the paper trains {70000:,} meta-steps."
+            + f"\n\nK support and 10 query points per task; MAML and Meta-SGD take one inner step at test, iMAML, CAVIA"
+            + f" and Reptile their recipes' test steps (`inner.eval_steps`); the paper trains {70000:,} meta-steps."
             + " Target: Meta-SGD within or below its published interval; MAML at most 1.13 at 5 shots."
-            + " iMAML (Rajeswaran et al. 2019) and CAVIA (Zintgraf et al. 2019) published no numbers in this protocol."
+            + " iMAML (Rajeswaran et al. 2019), CAVIA (Zintgraf et al. 2019) and Reptile (Nichol et al. 2018) published"
+            + " no numbers in this protocol."
             + "\n\nRows come from these commands (each keeps the rows of the others):\n"
             + "\n".join(f"- `{c}`" for c in sorted({row["command"] for row in stored.values()}))
             + "\n\n![validation MSE](sinusoid.png)"
