@@ -56,10 +56,12 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
     return {name: values[-1][1] for name, values in read_metrics(run_dir).items()}
 
 
-def max_time(minutes: float) -> str:
-    """Returns Lightning's ``max_time`` string "DD:HH:MM:SS" of ``minutes``."""
+def max_time(minutes: float | None) -> list[str]:
+    """Returns the override of Lightning's ``trainer.max_time`` ("DD:HH:MM:SS") for ``minutes``; none for None."""
+    if minutes is None:
+        return []
     seconds = round(minutes * 60)
-    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return [f"trainer.max_time='{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'"]
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     splits = ",".join(f"{split}:[{','.join(repr(a) for a in names)}]" for split, names in SPLITS.items())
     fit = [
         f"trainer={args.device}",
-        *([] if args.minutes is None else [f"trainer.max_time='{max_time(args.minutes)}'"]),
+        *max_time(args.minutes),
         *args.override,
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={max(1, args.steps // 5)}",

@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = ["task.full=true", "task.download=true", f"task.root={args.root or 'null'}"] if args.full else []
     common = [f"trainer={args.device}", *data]
-    time_limit = [] if args.minutes is None else [f"trainer.max_time='{max_time(args.minutes)}'"]
     fit = [
-        *common, *time_limit, *(o for o in args.override if not _scoped(o)),
+        *common, *max_time(args.minutes), *(o for o in args.override if not _scoped(o)),
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.val_every or max(1, args.steps // 5)}",
         f"task.num_val_tasks={args.val_tasks}",

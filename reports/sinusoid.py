@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {(recipe, k): args.runs / f"{recipe}_k{k}" for recipe in args.recipes for k in args.shots}
     overrides = [
         f"trainer={args.device}",
-        *([] if args.minutes is None else [f"trainer.max_time='{max_time(args.minutes)}'"]),
+        *max_time(args.minutes),
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={max(1, args.steps // 10)}",
         f"task.num_val_tasks={args.val_tasks}",
