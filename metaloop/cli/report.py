@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning
+import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
@@ -144,6 +145,7 @@ def print_summary(
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("run folder", str(run_dir))
+    table.add_row("resolved", resolved_choices(trainer))
     for command, seconds in timings.items():
         table.add_row(f"{command} time", f"{seconds:.1f} s")
     if "fit" in timings:
@@ -169,6 +171,24 @@ def print_summary(
         if best:
             table.add_row("last checkpoint", str(best))
     Console().print(table)
+
+
+def resolved_choices(trainer: lightning.Trainer) -> str:
+    """Returns what the host-dependent ``auto`` choices became for this run: precision, memory format, task batching.
+
+    ``trainer.precision=auto``, ``memory_format=auto`` and ``batch_tasks=auto`` depend on the device and,
+    on CPUs, on bfloat16 hardware (AVX-512 BF16 or AMX); the summary names the outcome so a run says which
+    path it took.
+    """
+    module = trainer.lightning_module
+    parts = [f"precision {trainer.precision}"]
+    memory_format = getattr(module, "_input_format", None)
+    if memory_format is not None:
+        parts.append(f"memory format {'channels-last' if memory_format is torch.channels_last else 'contiguous'}")
+    batched = getattr(module, "batched", None)
+    if batched is not None:
+        parts.append(f"tasks {'vmapped' if batched else 'one by one'}")
+    return ", ".join(parts) + f" on {trainer.strategy.root_device.type}"
 
 
 def write_results(

@@ -78,7 +78,10 @@ def auto_precision(accelerator: str) -> str:
     meta-steps/s for the Omniglot conv-4, ``benchmarks/results/gpu_h200.md``). On CPUs with
     AVX-512 BF16 or AMX, bf16-mixed made the same MAML step 2.2x faster (issue 14's measurement).
     """
-    device_type = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else accelerator
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        device_type = "cuda"
+    else:  # Lightning's "auto" is the CPU without CUDA ("gpu" without CUDA is Lightning's error to report)
+        device_type = "cpu" if accelerator == "auto" else accelerator
     return "bf16-mixed" if device_type == "cpu" and bf16_fast("cpu") else "32-true"
 
 

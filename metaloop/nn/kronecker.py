@@ -52,8 +52,10 @@ def kronecker_matvec(factors: Sequence[Tensor], x: Tensor) -> Tensor:
                 f"factor {j} has shape {tuple(f.shape)} but dimension {first + j} of the input "
                 f"{tuple(x.shape)} needs a ({d}, {d}) factor"
             )
+    # a matmul per mode (not tensordot): under autocast each product takes autocast's dtype for both operands,
+    # where tensordot would meet a float32 factor and the bfloat16 result of the previous mode and refuse
     for j, f in enumerate(factors):
-        x = torch.movedim(torch.tensordot(f, x, dims=([1], [first + j])), 0, first + j)
+        x = torch.matmul(x.movedim(first + j, -1), f.mT).movedim(-1, first + j)
     return x
 
 

@@ -556,7 +556,10 @@ RADAM = Rule(init=_adam_init, update=_radam_update)
 
 # -- Learned transforms -------------------------------------------------------------------
 def apply_transform(transform: Callable[[Tensor], Tensor], grad: Tensor, name: str = "the parameter") -> Tensor:
-    """Returns ``transform(grad)``, checked to be a tensor shaped like ``grad``.
+    """Returns ``transform(grad)`` in ``grad``'s dtype, checked to be a tensor shaped like ``grad``.
+
+    Under bfloat16 autocast a transform's products compute in bfloat16; its result is cast back to the
+    gradient's dtype, so the step ``param - lr * update`` is float32 arithmetic like every other rule's.
 
     Raises:
         ValueError: naming ``name`` and both shapes, if the transform returns anything else.
@@ -568,7 +571,7 @@ def apply_transform(transform: Callable[[Tensor], Tensor], grad: Tensor, name: s
             f"the transform of {name} ({type(transform).__name__}) returned {got} for a gradient of shape "
             f"{tuple(grad.shape)}; a transform must return an update shaped like its gradient"
         )
-    return update
+    return update.to(grad.dtype)
 
 
 def transform_step(

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 import metaloop.cli
 from metaloop.cli import config_dir, main, recipe_summaries
+from metaloop.lightning import checkpoint_config
 
 RECIPES = sorted(p.stem for p in (Path(metaloop.__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 SINE = ["--config", "maml_sinusoid.yaml", *TINY]
@@ -81,10 +82,13 @@ def test_every_inner_optimizer_and_learnable_option_builds_a_module_that_adapts(
 
 # -- runs -----------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_trains_a_few_meta_steps_and_tests(recipe, tmp_path):
+def test_every_recipe_trains_a_few_meta_steps_and_tests(recipe, precision, tmp_path):
+    """Both precisions explicitly, whatever ``auto`` means on this CPU (bf16 is emulated, slower but correct, without bf16 hardware)."""
     run = tmp_path / recipe
-    cli("fit", "--config", f"{recipe}.yaml", *TINY, f"hydra.run.dir={run}")
+    cli("fit", "--config", f"{recipe}.yaml", *TINY, f"trainer.precision={precision}", f"hydra.run.dir={run}")
+    assert checkpoint_config(run / "checkpoints" / "last.ckpt").trainer.precision == precision
     metrics = last_metrics(run)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["test/loss_post"])
     assert math.isfinite(metrics["val/loss_post"]) and "test/loss_post_ci95" in metrics

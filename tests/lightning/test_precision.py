@@ -33,6 +33,16 @@ from metaloop.nn import PrototypicalClassifier, SVClassifier
 from metaloop.optim import get_rule
 from metaloop.optim.rules import apply_rule
 from metaloop.tasks import EpisodeSampler, Omniglot, SinusoidTasks, Task, sample_task
+from metaloop.transforms import (
+    KroneckerTransform,
+    LearnableOptimizer,
+    MetaCurvatureTransform,
+    ModuleTransform,
+    ParameterUpdate,
+    TransformOptimizer,
+)
+from metaloop.nn import KroneckerLinear
+import metaloop.lightning.precision as precision_module
 
 ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
 
@@ -72,10 +82,19 @@ def meta_gradient(module: MetaLightningModule, batch: Task, bf16: bool) -> Tenso
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
 
 
+def _transform(factory: object) -> functools.partial:
+    return functools.partial(TransformOptimizer, transform=factory)
+
+
 CASES = {
-    # (model, objective, inner lr, inner steps, batch_tasks, tasks of a seed)
-    "omniglot conv4": (lambda: Conv4(5), Classification(), 0.4, 1, "sequential", bundled_omniglot_tasks),
-    "sinusoid mlp": (lambda: MLP(), Regression(), 0.01, 5, "vmap", sinusoid_tasks),
+    # (model, objective, inner optimizer (with its lr), inner steps, batch_tasks, tasks of a seed)
+    "omniglot conv4": (lambda: Conv4(5), Classification(), functools.partial(torch.optim.SGD, lr=0.4), 1, "sequential", bundled_omniglot_tasks),
+    "sinusoid mlp": (lambda: MLP(), Regression(), functools.partial(torch.optim.SGD, lr=0.01), 5, "vmap", sinusoid_tasks),
+    # learned preconditioners (inner_optim=metacurvature / kronecker): their products run under autocast too
+    "omniglot conv4 meta-curvature": (lambda: Conv4(5), Classification(), _transform(MetaCurvatureTransform), 1, "sequential",
+                                      bundled_omniglot_tasks),
+    "omniglot conv4 kronecker": (lambda: Conv4(5), Classification(), _transform(KroneckerTransform(KroneckerLinear)), 1,
+                                 "sequential", bundled_omniglot_tasks),
 }
 
 
@@ -103,10 +122,9 @@ def test_bf16_meta_gradient_matches_float32(case):
     training no more than a slightly smaller meta-batch would. A float16 underflow, optimizer
     state kept in 16 bits or a wrong cast give errors of order 1, which these bounds catch.
     """
-    make_model, objective, lr, steps, batch_tasks, tasks = CASES[case]
+    make_model, objective, inner_optim, steps, batch_tasks, tasks = CASES[case]
     torch.manual_seed(0)
-    module = MetaLightningModule(make_model(), objective, functools.partial(torch.optim.SGD, lr=lr), ADAM,
-                                 inner_steps=steps, batch_tasks=batch_tasks)
+    module = MetaLightningModule(make_model(), objective, inner_optim, ADAM, inner_steps=steps, batch_tasks=batch_tasks)
     batch, other = tasks(seed=0), tasks(seed=1)
     exact, mixed = meta_gradient(module, batch, False), meta_gradient(module, batch, True)
     cosine, relative = _cosine_and_relative_error(mixed, exact)
@@ -164,12 +182,25 @@ def test_accepted_precisions_pass(precision):
     check_precision(precision)
 
 
-def test_auto_precision_is_bf16_mixed_exactly_on_cpus_where_bfloat16_is_fast(monkeypatch):
-    assert auto_precision("cpu") == ("bf16-mixed" if bf16_fast("cpu") else "32-true")
-    if not torch.cuda.is_available():
-        assert auto_precision("gpu") == auto_precision("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert auto_precision("gpu") == "32-true"  # slower on an H200 for these small models (gpu_h200.md)
+@pytest.mark.parametrize("fast_cpu", [True, False], ids=["cpu with bf16 hardware", "cpu without"])
+@pytest.mark.parametrize("cuda", [True, False], ids=["cuda", "no cuda"])
+def test_auto_precision_is_bf16_mixed_exactly_on_cpus_where_bfloat16_is_fast(fast_cpu, cuda, monkeypatch):
+    """Both branches on every host: the CPU's bfloat16 support and CUDA's presence are mocked."""
+    monkeypatch.setattr(precision_module, "bf16_fast", lambda device_type: fast_cpu and device_type == "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cpu = "bf16-mixed" if fast_cpu else "32-true"
+    assert auto_precision("cpu") == cpu
+    # "gpu"/"auto" mean CUDA when there is one: float32 there (slower on an H200 for these small models, gpu_h200.md)
+    assert auto_precision("auto") == ("32-true" if cuda else cpu)
+    assert auto_precision("gpu") == "32-true"  # without CUDA, Lightning itself refuses accelerator=gpu
+    assert auto_precision("cuda") == "32-true"
+
+
+def test_bf16_fast_reads_the_cpu_capability_torch_reports(monkeypatch):
+    for supported in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+        assert bf16_fast("cpu") is supported
+    assert bf16_fast("mps") is False
 
 
 def test_a_trainer_with_16_bit_weights_is_refused_in_setup(tmp_path):
@@ -228,7 +259,9 @@ def test_to_memory_format_gives_each_task_channels_last_strides():
     assert to_memory_format(labels, torch.channels_last) is labels
 
 
-def test_auto_memory_format_by_device_model_and_precision():
+@pytest.mark.parametrize("fast_cpu", [True, False], ids=["cpu with bf16 hardware", "cpu without"])
+def test_auto_memory_format_by_device_model_and_precision(fast_cpu, monkeypatch):
+    monkeypatch.setattr(precision_module, "bf16_fast", lambda device_type: fast_cpu and device_type == "cpu")
     conv, mlp = Conv4(5, hidden=8), MLP()
     # H200 (benchmarks/results/gpu_h200.md): channels-last 1.24x under bf16-mixed, 0.82x in float32
     assert auto_memory_format(conv, "cuda", "bf16-mixed") is torch.channels_last
@@ -236,8 +269,9 @@ def test_auto_memory_format_by_device_model_and_precision():
     assert auto_memory_format(conv, "cuda", "bf16-mixed", batched=True) is torch.contiguous_format
     assert auto_memory_format(mlp, "cuda", "bf16-mixed") is torch.contiguous_format
     assert auto_memory_format(conv, "cpu", "32-true") is torch.contiguous_format  # slower on CPUs (benchmarks)
-    expected = torch.channels_last if bf16_fast("cpu") else torch.contiguous_format
+    expected = torch.channels_last if fast_cpu else torch.contiguous_format
     assert auto_memory_format(conv, "cpu", "bf16-mixed") is expected
+    assert auto_memory_format(conv, "cpu", "bf16-mixed", batched=True) is torch.contiguous_format
     with pytest.raises(ValueError, match="memory_format='nhwc' is not one of auto, channels_last, contiguous"):
         resolve_memory_format("nhwc", conv, "cpu", "32-true")
     with pytest.raises(ValueError, match="memory_format='nhwc' is not one of"):
@@ -283,3 +317,54 @@ def test_vmap_over_batchnorm_under_bf16_mixed_is_refused_and_auto_goes_task_by_t
         else:
             trainer.fit(module, datamodule=data)
             assert not module.batched and trainer.global_step == 1
+
+
+# -- batch_tasks=auto, on every device type whatever the host ------------------------------------------
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("model,first_order", [("conv4", True), ("conv4", False), ("mlp", False)])
+def test_auto_batching_follows_the_table_for_each_device_and_stays_exact(device_type, precision, model, first_order):
+    """``batch_tasks=auto`` for CPU and CUDA alike (the device type is an argument: no GPU needed to test CUDA's branch).
+
+    Conv nets go task by task on CPUs and are vmapped on CUDA (``AUTO_BATCHING``), except where vmap would be wrong
+    or fails: second order through BatchNorm, and BatchNorm under bf16-mixed.
+    """
+    from metaloop.lightning.module import AUTO_BATCHING
+
+    net = Conv4(5, hidden=8) if model == "conv4" else MLP()
+    module = MetaLightningModule(net, Classification() if model == "conv4" else Regression(),
+                                 functools.partial(torch.optim.SGD, lr=0.1), ADAM, first_order=first_order)
+    batched = module._choose_batching("auto", device_type, precision)
+    kind = "conv" if model == "conv4" else "other"
+    exact_under_vmap = model == "mlp" or (first_order and precision != "bf16-mixed")
+    assert batched == (AUTO_BATCHING[(device_type, kind)] == "vmap" and exact_under_vmap)
+
+
+# -- learned transforms under bfloat16 autocast: float32 in, float32 out -------------------------------
+def test_learned_transforms_keep_float32_updates_and_parameters_under_bf16_autocast():
+    """learn2learn's LearnableOptimizer and ParameterUpdate, and TransformOptimizer steps, under autocast.
+
+    The transforms' products run in bfloat16 (autocast's choice for matmuls); the update handed to the rule and
+    the stepped weights stay float32, and the transforms' parameters get float32 gradients.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 6), torch.randint(3, (8,))
+    for factory in (KroneckerTransform(KroneckerLinear), MetaCurvatureTransform, ModuleTransform(nn.Linear)):
+        update = ParameterUpdate(list(model.parameters()), factory)
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+            updates = update(loss, list(model.parameters()), create_graph=True)
+        assert all(u.dtype == torch.float32 for u in updates), [u.dtype for u in updates]
+        sum(u.square().sum() for u in updates).backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in update.parameters())
+
+        learner = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+        optimizer = LearnableOptimizer(learner, factory, lr=0.1)
+        with torch.autocast("cpu", torch.bfloat16):
+            nn.functional.cross_entropy(learner(x), y).backward()
+            optimizer.step()
+            after = nn.functional.cross_entropy(learner(x), y)
+        assert all(p.dtype == torch.float32 for p in learner.parameters())
+        after.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in optimizer.parameters())
