@@ -5,8 +5,8 @@ Run ``OMP_NUM_THREADS=1 python -m benchmarks.channels_last`` (a few minutes; ``-
 with ``memory_format`` set and times its ``meta_gradient`` (the body of ``training_step``), under
 ``torch.autocast("cpu", torch.bfloat16)`` for bf16; configurations alternate (round robin) so
 background load affects all alike, and the median is reported as milliseconds per task. The vmap
-rows are first-order MAML (second order through BatchNorm is refused under vmap in PyTorch 2.13),
-and under bf16 vmap over BatchNorm is refused too, so those rows say so.
+rows are first-order MAML (as in the measurement that chose AUTO_BATCHING; second order vmaps exactly now,
+``python -m benchmarks.batched_second_order``).
 """
 
 from __future__ import annotations

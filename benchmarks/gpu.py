@@ -11,9 +11,10 @@ Implementations: metaloop's :class:`~metaloop.lightning.MetaLightningModule` (``
 through a ``lightning.Trainer`` with the precision given to the Trainer, ``batch_tasks`` sequential
 and vmap), higher's ``innerloop_ctx`` (skipped if not installed) and plain PyTorch (a
 ``functional_call`` + ``autograd.grad`` task loop, and a ``torch.func.vmap`` loop), the last two under
-``torch.autocast`` for bf16. Second order through BatchNorm is refused under vmap (wrong in PyTorch
-2.13), so the conv net's vmap rows are first-order MAML: a speed probe of vmapping conv nets, for
-choosing ``metaloop.lightning.module.AUTO_BATCHING``. Each row: one warm-up meta-step, then the
+``torch.autocast`` for bf16. metaloop's vmap rows are second-order MAML like the others (BatchNorm
+computed with plain operations under vmap, :func:`metaloop.nn.exact_norms`, since PyTorch's own rule is
+wrong at second order: ``benchmarks/vmap_batchnorm_bug.py``); "plain PyTorch vmap" runs on the MLP
+only, for the same reason. Each row: one warm-up meta-step, then the
 median of ``--steps`` timed ones (the device synchronised after each); peak memory is
 ``torch.cuda.max_memory_allocated`` over the row (CPU: not measured). A row that fails records its
 error and the others go on.
@@ -93,8 +94,7 @@ def loop_seconds(step: Callable[[], None], w: Workload, device: torch.device, bf
 
 def metaloop_seconds(w: Workload, batch_tasks: str, device: torch.device, bf16: bool, channels_last: bool, steps: int) -> list[float]:
     """Returns the seconds of ``steps`` meta-steps of MetaLightningModule.training_step run by a Trainer on ``device``."""
-    first_order = batch_tasks == "vmap" and any(isinstance(m, torch.nn.BatchNorm2d) for m in w.model.modules())
-    module = lightning_module(w, batch_tasks, first_order=first_order,
+    module = lightning_module(w, batch_tasks, first_order=False,
                               memory_format="channels_last" if channels_last else "contiguous")
     batch = Task(w.support_x, w.support_y, w.query_x, w.query_y)
     return fit_step_seconds(module, batch, steps, callbacks=[_Synchronize()], accelerator=device.type, devices=1,
@@ -108,7 +108,7 @@ def rows_of(w: Workload, device: torch.device, steps: int) -> Iterator[dict]:
         for bf16 in (False, True):
             impls: dict[str, Callable[[Workload], list[float]]] = {
                 "metaloop sequential": lambda v: metaloop_seconds(v, "sequential", device, bf16, channels_last, steps),
-                "metaloop vmap" + (" (first-order)" if conv else ""): lambda v: metaloop_seconds(v, "vmap", device, bf16, channels_last, steps),
+                "metaloop vmap": lambda v: metaloop_seconds(v, "vmap", device, bf16, channels_last, steps),
                 "higher": lambda v: loop_seconds(IMPLEMENTATIONS["higher"](v), v, device, bf16, steps),
                 "plain PyTorch": lambda v: loop_seconds(IMPLEMENTATIONS["plain PyTorch"](v), v, device, bf16, steps),
             }

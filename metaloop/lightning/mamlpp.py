@@ -144,7 +144,7 @@ class MAMLPlusPlus(MetaLightningModule):
         ValueError: as the base class, for ``inner_steps < 1``, negative schedule lengths, ``lslr`` with
             ``learnable`` naming ``lr``, a ``meta_grad`` other than ``"unrolled"``, a model whose per-step
             BatchNorm has another number of steps,
-            ``batch_tasks="vmap"`` with per-step BatchNorm, or no adapted parameter left.
+            ``batch_tasks="vmap"`` with per-step running statistics (buffers: BNRS), or no adapted parameter left.
     """
 
     def __init__(
@@ -208,15 +208,6 @@ class MAMLPlusPlus(MetaLightningModule):
         self._stepwise = any(isinstance(m, PerStepBatchNorm2d) for m in model.modules())
 
     # -- construction hooks -----------------------------------------------------------------
-    def _choose_batching(self, batch_tasks: BatchTasks, device_type: str, precision: str) -> bool:
-        per_step_norms = [n for n, m in self.model.named_modules() if isinstance(m, PerStepBatchNorm2d)]
-        if per_step_norms and batch_tasks == "vmap":
-            raise ValueError(
-                f"batch_tasks='vmap' cannot adapt a model with per-step BatchNorm ({', '.join(per_step_norms[:3])}): "
-                "second-order gradients through BatchNorm are wrong under vmap in PyTorch 2.13; use batch_tasks='sequential'"
-            )
-        return False if per_step_norms else super()._choose_batching(batch_tasks, device_type, precision)
-
     def _select_adapted(self, pattern: str | None) -> list[str]:
         norms = {
             f"{name}.{p}" for name, m in self.model.named_modules() if isinstance(m, PerStepBatchNorm2d)

@@ -32,6 +32,7 @@ from metaloop.lightning.precision import MEMORY_FORMATS, MemoryFormat, check_pre
 from metaloop.optim import Rule, get_rule
 from metaloop.optim.hyperparams import per_parameter
 from metaloop.optim.implicit import ImplicitOptions, implicit_inner_loop
+from metaloop.nn.plain_norms import exact_norms
 from metaloop.optim.loop import inner_loop, truncation_start, vmap_problems
 from metaloop.tasks import Task, sample_task
 from metaloop.utils import _recursive_map
@@ -135,9 +136,11 @@ class MetaLightningModule(lightning.LightningModule):
         batch_tasks: ``"vmap"`` adapts a meta-batch at once under :func:`torch.func.vmap` (one
             backward), ``"sequential"`` task by task with one backward each (memory of one task;
             under DDP only the last task's backward synchronises). ``"auto"``: sequential for models
-            with buffers (or, second order, BatchNorm), otherwise :data:`AUTO_BATCHING`'s choice for the
+            with buffers (running statistics), otherwise :data:`AUTO_BATCHING`'s choice for the
             device type the module runs on and whether the model has convolutions (CPU: conv nets
-            sequential, vmap otherwise). Re-chosen in :meth:`setup` for the Trainer's device.
+            sequential, vmap otherwise). Under vmap, BatchNorm, InstanceNorm and LayerNorm are computed
+            with plain operations (:func:`metaloop.nn.exact_norms`), exact at second order where
+            PyTorch's batching rules are not. Re-chosen in :meth:`setup` for the Trainer's device.
         head: name of the classifier module, re-created for :meth:`adapt` with another ``n_ways``.
         meta_grad: how the meta-gradient goes through the inner loop. ``"unrolled"``: through every
             inner step. ``"truncated"``: through the last ``truncate`` steps only (the earlier ones
@@ -241,10 +244,7 @@ class MetaLightningModule(lightning.LightningModule):
 
     # -- construction helpers -------------------------------------------------------------
     def _choose_batching(self, batch_tasks: BatchTasks, device_type: str, precision: str) -> bool:
-        problems = vmap_problems(self.model, second_order=not self.first_order)
-        norms = [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if precision == "bf16-mixed" and norms and not problems:
-            problems.append(f"under bf16-mixed, BatchNorm's ({norms[0]}) backward fails under vmap in PyTorch 2.13 (mixed dtypes)")
+        problems = vmap_problems(self.model, second_order=not self.first_order, exact_norms=True)
         if batch_tasks == "vmap" and problems:
             raise ValueError(
                 f"batch_tasks='vmap' cannot adapt this model: {'; '.join(problems)}; use batch_tasks='sequential'"
@@ -537,7 +537,10 @@ class MetaLightningModule(lightning.LightningModule):
         """
         batch = Task(*(to_memory_format(field, self._input_format) for field in batch))
         if self.batched:
-            yield True, torch.func.vmap(functools.partial(fn, batched=True))(*batch)
+            # plain-operation normalization layers: PyTorch's batching rules drop second-order terms (metaloop.nn.plain_norms)
+            with exact_norms():
+                result = torch.func.vmap(functools.partial(fn, batched=True))(*batch)
+            yield True, result
             return
         tasks = batch.support_x.shape[0]
         for i in range(tasks):

@@ -17,6 +17,7 @@ from metaloop.nn.kronecker import (
 from metaloop.nn.layers import Flatten, Lambda, Scale, freeze, unfreeze
 from metaloop.nn.metalayers import MetaModule, ParameterTransform
 from metaloop.nn.per_step import PerStepBatchNorm2d, PerStepConv4
+from metaloop.nn.plain_norms import exact_norms
 from metaloop.nn.prototypical import PrototypicalClassifier, compute_prototypes, prototype_logits
 from metaloop.nn.svm import SVClassifier, project_simplex, svm_dual, svm_logits
 
@@ -39,6 +40,7 @@ from metaloop.nn.vision import (
 )
 
 __all__ = [
+    "exact_norms",
     "kronecker_matvec",
     "KroneckerLinear",
     "KroneckerConv2d",

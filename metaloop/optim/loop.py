@@ -196,23 +196,26 @@ def _vmapped_grads(loss: WeightsLoss, fast: dict[str, Tensor], trainable: list[s
     return grads if create_graph else {n: g.detach() for n, g in grads.items()}
 
 
-def vmap_problems(model: nn.Module, second_order: bool = True) -> list[str]:
+def vmap_problems(model: nn.Module, second_order: bool = True, exact_norms: bool = False) -> list[str]:
     """Returns why ``model`` cannot adapt under :func:`torch.func.vmap` (empty if it can).
 
-    Buffers (BatchNorm running statistics) cannot be updated in place by a vmapped loop. And
-    in PyTorch 2.13, second-order gradients through BatchNorm's batch statistics under vmap are
-    wrong: on a conv-BatchNorm net the meta-gradient of the layers before the BatchNorm differs
-    from the task-by-task one by up to 10% of its size, in float64 too (first-order gradients
-    agree), so a second-order loop over BatchNorm layers goes task by task.
+    Buffers (BatchNorm running statistics) cannot be updated in place by a vmapped loop. And in
+    PyTorch 2.13, second-order gradients through BatchNorm, InstanceNorm and LayerNorm under vmap
+    are wrong: PyTorch's batching rules for their backward passes drop terms (on a conv-BatchNorm
+    net the meta-gradient differs from the task-by-task one by 1-4% of its size, in float64 too;
+    ``benchmarks/vmap_batchnorm_bug.py``). First-order gradients, and GroupNorm, are right.
+    ``exact_norms=True`` says the caller runs the vmap under :func:`metaloop.nn.exact_norms`, which
+    computes those layers with plain operations, exact at every order: then only buffers remain a problem.
     """
     problems = [f"it has buffers ({', '.join(n for n, _ in list(model.named_buffers())[:3])})"] if any(
         True for _ in model.buffers()
     ) else []
-    if second_order:
-        norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if second_order and not exact_norms:
+        kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+        norms = [n for n, m in model.named_modules() if isinstance(m, kinds)]
         if norms:
             problems.append(
-                f"its BatchNorm layers ({', '.join(norms[:3])}) get wrong second-order gradients under vmap "
-                "in PyTorch 2.13"
+                f"its normalization layers ({', '.join(norms[:3])}) get wrong second-order gradients under a plain vmap "
+                "in PyTorch 2.13; run the vmap under metaloop.nn.exact_norms()"
             )
     return problems

@@ -300,7 +300,7 @@ def test_a_head_resized_for_more_ways_keeps_one_rate_per_step():
     ({"msl_anneal_steps": -1}, "msl_anneal_steps=-1"),
     ({"first_order_steps": 2.5}, "first_order_steps=2.5"),
     ({"learnable": {"lr": PerLayer()}}, "learnable also names 'lr'"),
-    ({"batch_tasks": "vmap"}, "batch_tasks='vmap'"),
+    ({"batch_tasks": "vmap"}, r"batch_tasks='vmap' cannot adapt this model: it has buffers \(blocks.0.norm.running_mean"),
     ({"adapt_params": r"\.norm\."}, "only per-step BatchNorm"),
     ({"meta_grad": "implicit"}, "meta_grad='implicit': MAML\\+\\+ unrolls"),
     ({"truncate": 2}, "truncate=2 applies only with meta_grad='truncated'"),

@@ -93,6 +93,8 @@ CASES = {
     # learned preconditioners (inner_optim=metacurvature / kronecker): their products run under autocast too
     "omniglot conv4 meta-curvature": (lambda: Conv4(5), Classification(), _transform(MetaCurvatureTransform), 1, "sequential",
                                       bundled_omniglot_tasks),
+    "omniglot conv4 vmapped": (lambda: Conv4(5), Classification(), functools.partial(torch.optim.SGD, lr=0.4), 1, "vmap",
+                               bundled_omniglot_tasks),
     "omniglot conv4 kronecker": (lambda: Conv4(5), Classification(), _transform(KroneckerTransform(KroneckerLinear)), 1,
                                  "sequential", bundled_omniglot_tasks),
 }
@@ -302,21 +304,18 @@ def test_channels_last_is_kept_through_inner_steps_and_gives_the_same_meta_gradi
     assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
 
 
-def test_vmap_over_batchnorm_under_bf16_mixed_is_refused_and_auto_goes_task_by_task(tmp_path):
-    """PyTorch 2.13's BatchNorm backward fails under vmap with bfloat16 autocast; auto falls back to sequential."""
+def test_vmap_over_batchnorm_under_bf16_mixed_fits_and_auto_follows_the_table(tmp_path):
+    """BatchNorm under bf16-mixed and vmap (PyTorch's own backward fails there): plain-operation BatchNorm fits it."""
     data = MetaDataModule(_image_tasks, meta_batch_size=2, num_val_tasks=0, num_test_tasks=0)
     for batch_tasks in ("vmap", "auto"):
         torch.manual_seed(0)
         module = MetaLightningModule(Conv4(5, hidden=8), Classification(), functools.partial(torch.optim.SGD, lr=0.4), ADAM,
-                                     first_order=True, batch_tasks=batch_tasks)
+                                     batch_tasks=batch_tasks)
         trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False,
                                     enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
-        if batch_tasks == "vmap":
-            with pytest.raises(ValueError, match=r"batch_tasks='vmap' cannot adapt this model: under bf16-mixed, BatchNorm"):
-                trainer.fit(module, datamodule=data)
-        else:
-            trainer.fit(module, datamodule=data)
-            assert not module.batched and trainer.global_step == 1
+        trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 1 and module.batched == (batch_tasks == "vmap")  # auto: conv nets one by one on CPUs
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
 
 
 # -- batch_tasks=auto, on every device type whatever the host ------------------------------------------
@@ -326,8 +325,7 @@ def test_vmap_over_batchnorm_under_bf16_mixed_is_refused_and_auto_goes_task_by_t
 def test_auto_batching_follows_the_table_for_each_device_and_stays_exact(device_type, precision, model, first_order):
     """``batch_tasks=auto`` for CPU and CUDA alike (the device type is an argument: no GPU needed to test CUDA's branch).
 
-    Conv nets go task by task on CPUs and are vmapped on CUDA (``AUTO_BATCHING``), except where vmap would be wrong
-    or fails: second order through BatchNorm, and BatchNorm under bf16-mixed.
+    Conv nets go task by task on CPUs and are vmapped on CUDA (``AUTO_BATCHING``), second order and bf16-mixed included.
     """
     from metaloop.lightning.module import AUTO_BATCHING
 
@@ -336,8 +334,8 @@ def test_auto_batching_follows_the_table_for_each_device_and_stays_exact(device_
                                  functools.partial(torch.optim.SGD, lr=0.1), ADAM, first_order=first_order)
     batched = module._choose_batching("auto", device_type, precision)
     kind = "conv" if model == "conv4" else "other"
-    exact_under_vmap = model == "mlp" or (first_order and precision != "bf16-mixed")
-    assert batched == (AUTO_BATCHING[(device_type, kind)] == "vmap" and exact_under_vmap)
+    # vmap is exact for all of them (plain-operation BatchNorm under vmap, metaloop.nn.exact_norms): the table decides
+    assert batched == (AUTO_BATCHING[(device_type, kind)] == "vmap")
 
 
 # -- learned transforms under bfloat16 autocast: float32 in, float32 out -------------------------------
