@@ -41,9 +41,6 @@ def main(argv: list[str] | None = None) -> None:
                 module = MetaLightningModule(w.model, Classification(), functools.partial(torch.optim.SGD, lr=w.lr),
                                              functools.partial(torch.optim.Adam, lr=1e-3), first_order=path == "vmap",
                                              batch_tasks=path, memory_format=fmt)
-                if path == "vmap" and bf16:
-                    notes[key] = "refused: BatchNorm's backward fails under vmap with bf16 autocast (torch 2.13)"
-                    continue
                 autocast = functools.partial(torch.autocast, "cpu", torch.bfloat16) if bf16 else contextlib.nullcontext
 
                 def step(module: MetaLightningModule = module, autocast=autocast) -> None:
