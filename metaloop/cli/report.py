@@ -10,13 +10,13 @@ from typing import Any
 
 import lightning
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 from rich.console import Console
 from rich.table import Table
 
 from metaloop.lightning.callbacks import MetaStepTimer
 
-__all__ = ["LearningCurve", "MetaStepProgressBar", "print_summary", "write_results"]
+__all__ = ["LearningCurve", "MetaStepProgressBar", "clock", "print_summary", "remaining_seconds", "write_results"]
 
 
 class MetaStepProgressBar(RichProgressBar):
@@ -39,6 +39,56 @@ class MetaStepProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "meta-step"
+
+    def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._started = (time.monotonic(), trainer.global_step)
+
+    def get_metrics(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        """Returns the bar's metrics with ``ends in``: the run's estimated remaining time (see :func:`remaining_seconds`)."""
+        items = super().get_metrics(trainer, pl_module)
+        started = getattr(self, "_started", None)
+        if started is not None and trainer.training:
+            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+            left = remaining_seconds(
+                trainer.global_step - started[1], trainer.max_steps - trainer.global_step if trainer.max_steps > 0 else None,
+                time.monotonic() - started[0], timer.time_remaining() if timer is not None else None,
+            )
+            if left is not None:
+                items["ends in"] = clock(left)
+        return items
+
+
+def remaining_seconds(done: int, to_do: int | None, elapsed: float, time_left: float | None) -> float | None:
+    """Returns the estimated seconds until the run ends: ``to_do`` more meta-steps at the rate of the ``done`` ones, or ``time_left``, whichever is sooner.
+
+    ``elapsed`` is the wall time of the ``done`` meta-steps, validation included (it recurs until the end);
+    ``to_do`` is None without ``trainer.max_steps``, ``time_left`` None without ``trainer.max_time``.
+    None when neither bounds the run or nothing is done yet.
+
+    >>> remaining_seconds(10, 90, 5.0, None)
+    45.0
+    >>> remaining_seconds(10, 90, 5.0, 30.0)
+    30.0
+    >>> remaining_seconds(0, 90, 0.0, None) is None
+    True
+    """
+    estimates = [] if done <= 0 or to_do is None else [max(to_do, 0) * elapsed / done]
+    if time_left is not None:
+        estimates.append(max(time_left, 0.0))
+    return min(estimates) if estimates else None
+
+
+def clock(seconds: float) -> str:
+    """Returns ``seconds`` as ``H:MM:SS`` (``M:SS`` under an hour).
+
+    >>> clock(3725.2), clock(59.6)
+    ('1:02:05', '1:00')
+    """
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
     def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)

@@ -6,9 +6,10 @@ import functools
 from types import SimpleNamespace
 
 import lightning
+import pytest
 import torch
 
-from metaloop.cli.report import LearningCurve, print_summary
+from metaloop.cli.report import LearningCurve, MetaStepProgressBar, clock, print_summary, remaining_seconds
 from metaloop.lightning import MLP, MetaDataModule, MetaLightningModule, Regression
 from metaloop.tasks import SinusoidTasks
 
@@ -54,3 +55,27 @@ def test_the_learning_curve_holds_every_step_and_each_validation(tmp_path, capsy
 def test_nothing_to_plot_writes_nothing(tmp_path):
     assert LearningCurve(tmp_path / "x.png").save() is None
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_time"])
+def test_progress_bar_shows_when_the_run_ends(limit):
+    """``ends in``: from the meta-step rate and trainer.max_steps, or trainer.max_time's remainder, whichever is sooner."""
+    module = MetaLightningModule(MLP([1, 8, 1]), Regression(), functools.partial(torch.optim.SGD, lr=0.01),
+                                 functools.partial(torch.optim.Adam, lr=1e-3))
+    datamodule = MetaDataModule(SinusoidTasks(5, 5), meta_batch_size=2, num_val_tasks=0, num_test_tasks=0)
+    bar = MetaStepProgressBar(min_interval=0.0)
+    shown: list[str] = []
+
+    class Record(lightning.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            shown.append(bar.get_metrics(trainer, module).get("ends in"))
+
+    limits = {"max_steps": 6} if limit == "max_steps" else {"max_steps": 10_000, "max_time": {"seconds": 3}}
+    trainer = lightning.Trainer(**limits, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                                callbacks=[bar, Record()], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    assert shown and all(text is not None for text in shown[1:]), shown
+    minutes, seconds = shown[-1].split(":")
+    assert int(minutes) == 0 and 0 <= int(seconds) <= (1 if limit == "max_steps" else 3)
+    assert remaining_seconds(4, 6, 2.0, None) == 3.0 and remaining_seconds(4, None, 2.0, 10.0) == 10.0
+    assert clock(5400) == "1:30:00"
