@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,10 @@ class Key:
         if self.kind == "int":
             return None if isinstance(value, int) and not isinstance(value, bool) else "not a whole number"
         if self.kind == "number":
-            return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "not a number"
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return "not a number"
+            # nan passes every range check and fails only at the first step, blamed on a learning rate too large
+            return None if math.isfinite(value) else "not a finite number"
         if self.kind == "choice":
             # YAML reads `32` as a number; a choice compares by its text (booleans are never a choice)
             return None if not isinstance(value, bool) and str(value) in self.choices else "not one of the choices"
@@ -84,7 +88,7 @@ class Key:
         what = {
             "bool": "use true or false",
             "int": "use a whole number",
-            "number": "use a number, e.g. 0.01 or 1e-3",
+            "number": "use a finite number, e.g. 0.01 or 1e-3",
             "str": "use a string",
             "regex": "use a regular expression, e.g. '^head\\.'",
             "choice": f"use one of {', '.join(self.choices)}",
