@@ -8,7 +8,8 @@ What is checked:
   and every key a recipe sets exists in the base configuration or the chosen group option (a typo such
   as ``inner: {lrr: 5.0}`` is refused, as Hydra refuses it on the command line);
 - values: the typed keys of :data:`KEYS` (ranges and choices), and every other leaf has the type of
-  its default (a boolean stays a boolean: ``inner.first_order=no`` is refused, not read as true);
+  its default (a boolean stays a boolean: ``inner.first_order=no`` is refused, not read as true); a
+  number is finite (``inner.lr=nan`` or ``inf`` is refused, in every value of a sweep too);
 - constructor arguments: a key under a ``_target_`` must be a parameter of that callable.
 """
 
