@@ -10,6 +10,7 @@ the process with Hydra's arguments, composes the same run on every rank.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -379,6 +380,26 @@ def _non_finite_message(err: Exception, cfg: Any, run_dir: Path) -> str:
     )
 
 
+def _non_finite_evaluation_message(err: Any, cfg: Any, run_dir: Path, checkpoint_step: int | None) -> str:
+    """Returns the one-line report of a NaN or infinite evaluation (:class:`~metaloop.lightning.callbacks.NonFiniteEvaluation`)."""
+    stage = "validation" if err.stage == "val" else "test"
+    figures = ", ".join(f"{k}={v}" for k, v in err.bad.items())
+    weights = f"meta-step {err.step}" if cfg.command == "fit" else f"the checkpoint of meta-step {checkpoint_step}"
+    # NaN after adaptation from finite figures before it: the evaluation's inner loop diverged
+    adapted = all(k.endswith("_post") and math.isfinite(err.metrics.get(k[: -len("_post")] + "_pre", math.nan)) for k in err.bad)
+    if adapted:
+        cause = (
+            f"the inner loop diverges on the {stage} tasks (inner.lr={cfg.inner.lr} for inner.eval_steps="
+            f"{cfg.inner.eval_steps} steps); lower inner.lr or inner.eval_steps"
+        )
+    else:
+        cause = "the model's outputs on the evaluation tasks are not finite; check the task's data and the model"
+    kept = f"; the finite weights trained so far are kept in {run_dir / 'checkpoints'}" if cfg.command == "fit" else ""
+    return (
+        f"the {stage} of {weights} is not finite ({figures}): no figures are reported. Likely cause: {cause}{kept}"
+    )
+
+
 def run(cfg: Any) -> dict[str, float]:
     """Returns the final metrics after running ``cfg.command`` (fit, validate or test) on the composed config ``cfg``.
 
@@ -396,9 +417,11 @@ def run(cfg: Any) -> dict[str, float]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from metaloop.cli.launch import check_scale_out
-    from metaloop.cli.report import print_summary, write_results
+    from metaloop.cli.report import print_summary, write_evaluation, write_results
     from metaloop.cli.runs import resolve_ckpt_path
-    from metaloop.lightning.callbacks import MetaStepTimer, NonFiniteError
+    from metaloop.lightning.callbacks import (
+        MetaStepTimer, NonFiniteError, NonFiniteEvaluation, ValidateFinalStep, check_evaluation,
+    )
     from metaloop.lightning.checkpoint import CheckpointError, SafeCheckpointIO, check_fits, load_checkpoint
     from metaloop.lightning.precision import auto_precision
     from metaloop.lightning.runs import SaveRunConfig
@@ -423,7 +446,8 @@ def run(cfg: Any) -> dict[str, float]:
         module = instantiate(cfg.module, _convert_="partial")
         module.check_datamodule(datamodule, cfg.command)
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
-        callbacks.append(SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)))
+        final_validation = ValidateFinalStep()  # the reported validation is of the final weights
+        callbacks += [SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)), final_validation]
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[SafeCheckpointIO()])
     except InstantiationException as err:
@@ -431,17 +455,22 @@ def run(cfg: Any) -> dict[str, float]:
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
         raise UsageError(str(err)) from err
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint_step: int | None = None
     try:
         ckpt_path = resolve_ckpt_path(cfg.command, cfg.ckpt_path, run_dir)
         if ckpt_path is not None:
             optimizer = _outer_optimizer(module) if cfg.command == "fit" else None
-            check_fits(module, load_checkpoint(ckpt_path), str(cfg.ckpt_path), optimizer)
+            checkpoint = load_checkpoint(ckpt_path)
+            check_fits(module, checkpoint, str(cfg.ckpt_path), optimizer)
+            checkpoint_step = checkpoint.get("global_step")
     except CheckpointError as err:
         raise UsageError(str(err)) from err
     timings: dict[str, float] = {}
     start = time.perf_counter()
     try:
         outputs = getattr(trainer, cfg.command)(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteEvaluation as err:
+        raise RunFailed(_non_finite_evaluation_message(err, cfg, run_dir, checkpoint_step)) from err
     except NonFiniteError as err:
         raise RunFailed(_non_finite_message(err, cfg, run_dir)) from err
     except SIGTERMException as err:
@@ -453,15 +482,32 @@ def run(cfg: Any) -> dict[str, float]:
         ) from err
     timings[cfg.command] = time.perf_counter() - start
     validated = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if cfg.command == "fit" and cfg.test_after_fit and datamodule.num_test_tasks and not trainer.interrupted:
-        start = time.perf_counter()
-        outputs = trainer.test(module, datamodule=datamodule, verbose=False)
-        timings["test"] = time.perf_counter() - start
-    results = {**validated, **{k: float(v) for output in outputs or [] for k, v in output.items()}}
+    try:
+        if cfg.command == "fit" and cfg.test_after_fit and datamodule.num_test_tasks and not trainer.interrupted:
+            start = time.perf_counter()
+            outputs = trainer.test(module, datamodule=datamodule, verbose=False)
+            timings["test"] = time.perf_counter() - start
+        results = {**validated, **{k: float(v) for output in outputs or [] for k, v in output.items()}}
+        # the callback fails a non-finite evaluation as it happens; this holds without it (~callbacks.finite)
+        step = trainer.global_step if cfg.command == "fit" else checkpoint_step or 0
+        for stage in ("val", "test"):
+            check_evaluation(results, stage, step)
+    except NonFiniteEvaluation as err:
+        raise RunFailed(_non_finite_evaluation_message(err, cfg, run_dir, checkpoint_step)) from err
     if trainer.is_global_zero:
-        print_summary(cfg, trainer, results, timings, HydraConfig.get().runtime.output_dir)
-        rate = next((c.rate for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), None)
-        write_results(results, trainer.global_step, timings, HydraConfig.get().runtime.output_dir, rate)
+        if cfg.command == "fit":
+            evaluated = f"meta-step {trainer.global_step}" + (
+                f" (validation of meta-step {final_validation.step})"
+                if final_validation.step not in (None, trainer.global_step) else ""
+            )
+        else:
+            evaluated = f"{ckpt_path} (meta-step {checkpoint_step})" if ckpt_path else "the untrained model (ckpt_path=none)"
+        print_summary(cfg, trainer, results, timings, run_dir, evaluated)
+        if cfg.command == "fit":
+            rate = next((c.rate for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), None)
+            write_results(results, trainer.global_step, timings, run_dir, rate, final_validation.step)
+        else:
+            write_evaluation(cfg.command, results, ckpt_path, checkpoint_step, timings, run_dir)
     return results
 
 

@@ -1,4 +1,7 @@
-"""What the ``metaloop`` command shows: a progress bar of meta-steps, and at the end a learning-curve plot, a summary table and ``results.json``."""
+"""What the ``metaloop`` command shows and records: a progress bar of meta-steps, and at the end a learning-curve plot,
+a summary table, and the run's record: ``results.json`` for a fit, ``evaluations/<command>-<time>.json`` for each
+``validate`` or ``test`` (which never touch the fit's ``results.json``). Records are strict JSON.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ from rich.table import Table
 
 from metaloop.lightning.callbacks import MetaStepTimer
 
-__all__ = ["LearningCurve", "MetaStepProgressBar", "clock", "print_summary", "remaining_seconds", "write_results"]
+__all__ = [
+    "EVALUATIONS", "RESULTS", "LearningCurve", "MetaStepProgressBar", "clock", "latest_record", "print_summary",
+    "remaining_seconds", "resolved_choices", "write_evaluation", "write_results",
+]
+
+RESULTS = "results.json"  # a fit's record, in its run folder
+EVALUATIONS = "evaluations"  # the folder of a run's evaluation records: <command>-<time>.json
 
 
 class MetaStepProgressBar(RichProgressBar):
@@ -188,14 +197,24 @@ def _format(results: dict[str, float], key: str) -> str | None:
 
 
 def print_summary(
-    cfg: Any, trainer: lightning.Trainer, results: dict[str, float], timings: dict[str, float], run_dir: str | Path
+    cfg: Any,
+    trainer: lightning.Trainer,
+    results: dict[str, float],
+    timings: dict[str, float],
+    run_dir: str | Path,
+    evaluated: str | None = None,
 ) -> None:
-    """Prints a table of the run: where, how long (``timings``: seconds per command), the meta-step rate, the final metrics."""
+    """Prints a table of the run: where, how long (``timings``: seconds per command), the meta-step rate, the final metrics.
+
+    ``evaluated`` says which weights the figures are of (e.g. "meta-step 12", or a checkpoint and its step).
+    """
     table = Table(box=None, title=f"metaloop {cfg.command}: {cfg.recipe}", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("run folder", str(run_dir))
     table.add_row("resolved", resolved_choices(trainer))
+    if evaluated:
+        table.add_row("evaluated", evaluated)
     for command, seconds in timings.items():
         table.add_row(f"{command} time", f"{seconds:.1f} s")
     if "fit" in timings:
@@ -241,15 +260,82 @@ def resolved_choices(trainer: lightning.Trainer) -> str:
     return ", ".join(parts) + f" on {trainer.strategy.root_device.type}"
 
 
+def _finite_or_null(value: Any) -> Any:
+    """Returns ``value`` with every non-finite float replaced by None (JSON null), in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json(record: dict[str, Any]) -> str:
+    """Returns ``record`` as strict JSON: a non-finite number (a confidence half-width of one task) is null, never ``NaN``."""
+    return json.dumps(_finite_or_null(record), indent=1, allow_nan=False)
+
+
 def write_results(
-    results: dict[str, float], global_step: int, timings: dict[str, float], run_dir: str | Path, meta_steps_per_s: float | None = None
+    results: dict[str, float],
+    global_step: int,
+    timings: dict[str, float],
+    run_dir: str | Path,
+    meta_steps_per_s: float | None = None,
+    validation_step: int | None = None,
 ) -> Path:
-    """Returns the path of ``results.json`` in ``run_dir`` after writing the run's final metrics, meta-steps and timings.
+    """Returns the path of ``results.json`` in ``run_dir`` after writing the fit's final metrics, meta-steps and timings.
 
     ``meta_steps_per_s`` is the training rate of :class:`~metaloop.lightning.callbacks.MetaStepTimer` (null
-    without one). What a sweep reads back from each job (:mod:`metaloop.cli.sweep`); call it on rank 0 only.
+    without one); ``validation_step`` the meta-step whose weights the ``val/`` figures are of (the test
+    after a fit is of ``global_step``). Strict JSON: a number that is undefined (the confidence half-width of
+    a single task) is null. What a sweep reads back from each job (:mod:`metaloop.cli.sweep`); call it on rank 0 only.
     """
-    path = Path(run_dir) / "results.json"
-    record = {"metrics": results, "global_step": global_step, "timings": timings, "meta_steps_per_s": meta_steps_per_s}
-    path.write_text(json.dumps(record, indent=1))
+    path = Path(run_dir) / RESULTS
+    record = {
+        "command": "fit", "metrics": results, "global_step": global_step, "validation_step": validation_step,
+        "timings": timings, "meta_steps_per_s": meta_steps_per_s,
+    }
+    path.write_text(_json(record))
     return path
+
+
+def write_evaluation(
+    command: str,
+    results: dict[str, float],
+    checkpoint: str | None,
+    checkpoint_step: int | None,
+    timings: dict[str, float],
+    run_dir: str | Path,
+) -> Path:
+    """Returns the path of a new ``evaluations/<command>-<time>.json`` in ``run_dir`` after writing the evaluation's record.
+
+    The record names the checkpoint evaluated (None: the untrained model) and its meta-step; a fit's
+    ``results.json`` in the same folder is left as it is. Strict JSON, as :func:`write_results`.
+    """
+    folder = Path(run_dir) / EVALUATIONS
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{command}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    record = {
+        "command": command, "metrics": results, "checkpoint": checkpoint, "checkpoint_step": checkpoint_step,
+        "timings": timings,
+    }
+    text = _json(record)
+    for n in range(1, 1000):
+        path = folder / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
+        try:
+            with open(path, "x") as f:  # never replaces an earlier evaluation's record
+                f.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder} holds 999 records named {stem}*.json; remove some")
+
+
+def latest_record(run_dir: str | Path, command: str, since: float = 0.0) -> Path | None:
+    """Returns the record ``command`` last wrote in ``run_dir`` at or after ``since`` (a Unix time), or None.
+
+    A fit's is ``results.json``; an evaluation's the newest ``evaluations/<command>-*.json``.
+    """
+    folder = Path(run_dir)
+    candidates = [folder / RESULTS] if command == "fit" else list((folder / EVALUATIONS).glob(f"{command}-*.json"))
+    written = [(p.stat().st_mtime, p) for p in candidates if p.is_file() and p.stat().st_mtime >= since]
+    return max(written)[1] if written else None

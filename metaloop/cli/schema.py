@@ -8,7 +8,8 @@ What is checked:
   and every key a recipe sets exists in the base configuration or the chosen group option (a typo such
   as ``inner: {lrr: 5.0}`` is refused, as Hydra refuses it on the command line);
 - values: the typed keys of :data:`KEYS` (ranges and choices), and every other leaf has the type of
-  its default (a boolean stays a boolean: ``inner.first_order=no`` is refused, not read as true);
+  its default (a boolean stays a boolean: ``inner.first_order=no`` is refused, not read as true); a
+  number is finite (``inner.lr=nan`` or ``inf`` is refused, in every value of a sweep too);
 - constructor arguments: a key under a ``_target_`` must be a parameter of that callable.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,7 +68,10 @@ class Key:
         if self.kind == "int":
             return None if isinstance(value, int) and not isinstance(value, bool) else "not a whole number"
         if self.kind == "number":
-            return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "not a number"
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return "not a number"
+            # nan passes every range check and fails only at the first step, blamed on a learning rate too large
+            return None if math.isfinite(value) else "not a finite number"
         if self.kind == "choice":
             # YAML reads `32` as a number; a choice compares by its text (booleans are never a choice)
             return None if not isinstance(value, bool) and str(value) in self.choices else "not one of the choices"
@@ -84,7 +89,7 @@ class Key:
         what = {
             "bool": "use true or false",
             "int": "use a whole number",
-            "number": "use a number, e.g. 0.01 or 1e-3",
+            "number": "use a finite number, e.g. 0.01 or 1e-3",
             "str": "use a string",
             "regex": "use a regular expression, e.g. '^head\\.'",
             "choice": f"use one of {', '.join(self.choices)}",

@@ -1,15 +1,19 @@
-"""Callbacks that keep a run's results honest: no non-finite step is taken, and the final weights are saved.
+"""Callbacks that keep a run's results honest: no non-finite step is taken or reported, and the final weights are saved and validated.
 
 :class:`StopOnNonFinite` stops a run *before* the outer optimizer applies a non-finite gradient, so the
 weights in memory, and every checkpoint written afterwards, stay finite; the run fails with
-:class:`NonFiniteError`. :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` that also saves
-``last.ckpt`` when training ends between two checkpoint intervals and when a scheduler's SIGTERM stops
-the run, so ``last.ckpt`` always holds the weights a run reports.
+:class:`NonFiniteError`. It also fails an evaluation whose figures are not finite
+(:class:`NonFiniteEvaluation`): a NaN loss beside a 20% accuracy is no score. :class:`RunCheckpoint` is
+Lightning's ``ModelCheckpoint`` that also saves ``last.ckpt`` when training ends between two checkpoint
+intervals and when a scheduler's SIGTERM stops the run, so ``last.ckpt`` always holds the weights a run
+reports. :class:`ValidateFinalStep` validates those final weights, so the reported validation is theirs.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning
@@ -17,7 +21,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["MetaStepTimer", "NonFiniteError", "RunCheckpoint", "StopOnNonFinite"]
+__all__ = [
+    "MetaStepTimer", "NonFiniteError", "NonFiniteEvaluation", "RunCheckpoint", "StopOnNonFinite", "ValidateFinalStep",
+    "check_evaluation",
+]
 
 _SHOWN_PARAMETERS = 3
 
@@ -30,12 +37,36 @@ class NonFiniteError(RuntimeError):
         self.step = step
 
 
+class NonFiniteEvaluation(NonFiniteError):
+    """An evaluation (``stage`` ``"val"`` or ``"test"``) whose figures ``bad`` are NaN or infinite; ``metrics``: all of that stage's figures."""
+
+    def __init__(self, stage: str, step: int, bad: Mapping[str, float], metrics: Mapping[str, float]) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+        super().__init__(f"the {'validation' if stage == 'val' else 'test'} at meta-step {step} is not finite ({shown})", step)
+        self.stage = stage
+        self.bad = dict(bad)
+        self.metrics = dict(metrics)
+
+
+def check_evaluation(metrics: Mapping[str, Any], stage: str, step: int) -> None:
+    """Raises :class:`NonFiniteEvaluation` if a figure of ``stage`` (keys ``stage/...``) in ``metrics`` is NaN or infinite.
+
+    A confidence half-width (``..._ci95``) is not a figure: it is undefined (NaN) for a single task.
+    """
+    figures = {k: float(v) for k, v in metrics.items() if k.startswith(f"{stage}/")}
+    bad = {k: v for k, v in figures.items() if not k.endswith("_ci95") and not math.isfinite(v)}
+    if bad:
+        raise NonFiniteEvaluation(stage, step, bad, figures)
+
+
 class StopOnNonFinite(lightning.Callback):
-    """Raises :class:`NonFiniteError` when a meta-step's gradients or loss are not finite, before the step is taken.
+    """Raises :class:`NonFiniteError` when a meta-step's gradients or loss are not finite, before the step is taken,
+    and :class:`NonFiniteEvaluation` when a validation or test figure is (see :func:`check_evaluation`).
 
     Gradients are checked when the outer optimizer is about to step (one device sync per meta-step); the
     returned training loss after the step (a finite gradient with an infinite loss). Checkpoint callbacks
-    run after this one, so no checkpoint of a non-finite step is written.
+    run after this one, so no checkpoint of a non-finite step is written. A non-finite validation stops
+    the fit at once (its checkpoints, of finite weights, are kept), as does the sanity check.
     """
 
     def on_before_optimizer_step(
@@ -62,6 +93,13 @@ class StopOnNonFinite(lightning.Callback):
         if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
             raise NonFiniteError(f"meta-step {trainer.global_step}: the meta-training loss is {loss.item()}", trainer.global_step)
 
+    # on_*_end, not on_*_epoch_end: callbacks run that hook before the module logs its epoch metrics
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        check_evaluation(trainer.callback_metrics, "val", trainer.global_step)
+
+    def on_test_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        check_evaluation(trainer.callback_metrics, "test", trainer.global_step)
+
 
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` also holds the final step of a run and the step a SIGTERM stopped at.
@@ -84,6 +122,27 @@ class RunCheckpoint(ModelCheckpoint):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = trainer.global_step
+
+
+class ValidateFinalStep(lightning.Callback):
+    """Validates the weights a fit ends with; :attr:`step` is the meta-step of the latest validation (None before one).
+
+    Lightning validates every ``val_check_interval`` meta-steps, so a fit of 12 meta-steps with an
+    interval of 5 would report the validation of step 10 beside the weights of step 12. At the last
+    meta-step this asks Lightning to stop, which makes its loop validate then, as it does when
+    ``trainer.max_time`` stops a run; a step that is due for validation anyway is validated once.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, *args: Any) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 class MetaStepTimer(lightning.Callback):

@@ -78,6 +78,9 @@ class PrototypicalModule(lightning.LightningModule):
             ``"contiguous"``), resolved in :meth:`setup` for the Trainer's device and precision.
     """
 
+    #: evaluation scores the query sets with the head fitted on the support set: ``val/acc_post`` (there is no "pre")
+    evaluation_phases: tuple[str, ...] = ("post",)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -136,8 +139,9 @@ class PrototypicalModule(lightning.LightningModule):
             if metric.update_count == 0 and self.trainer.world_size == 1:
                 continue
             mean, half_width = metric.compute()
-            self.log(f"{stage}/{name}_post", mean.float(), prog_bar=name == "acc", sync_dist=True)
-            self.log(f"{stage}/{name}_post_ci95", half_width.float(), sync_dist=True)
+            key = f"{stage}/{name}_{self.evaluation_phases[0]}"
+            self.log(key, mean.float(), prog_bar=name == "acc", sync_dist=True)
+            self.log(f"{key}_ci95", half_width.float(), sync_dist=True)
             metric.reset()
 
     def validation_step(self, batch: Task, batch_idx: int) -> None:

@@ -172,6 +172,9 @@ class MetaLightningModule(lightning.LightningModule):
             bad implicit options, or options that ``meta_grad`` cannot honour (see :meth:`_check_meta_grad`).
     """
 
+    #: when evaluation scores the query sets: before and after adaptation (``val/acc_pre``, ``val/acc_post``)
+    evaluation_phases: tuple[str, ...] = ("pre", "post")
+
     def __init__(
         self,
         model: nn.Module,
@@ -239,7 +242,7 @@ class MetaLightningModule(lightning.LightningModule):
             f"{stage}_{name}_{when}": MeanWithConfidence()
             for stage in ("val", "test")
             for name in objective.metric_names
-            for when in ("pre", "post")
+            for when in self.evaluation_phases
         })
 
     # -- construction helpers -------------------------------------------------------------
