@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--first-order", action="store_true", help="first-order MAML instead (for comparison)")
     args = parser.parse_args(argv)
     w = omniglot_workload(args.tasks, args.steps)
     batch = Task(*(t.to(args.device) for t in (w.support_x, w.support_y, w.query_x, w.query_y)))
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         modules[mode] = MetaLightningModule(Conv4(5), Classification(), functools.partial(torch.optim.SGD, lr=0.4),
                                             functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=args.steps,
-                                            batch_tasks=mode).to(args.device)
+                                            batch_tasks=mode, first_order=args.first_order).to(args.device)
     for repeat in range(args.repeats + 1):  # the first round warms up
         for mode, module in modules.items():
             module.zero_grad(set_to_none=True)
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
             grads[mode] = torch.cat([p.grad.flatten() for p in module.parameters()])
     error = ((grads["vmap"] - grads["sequential"]).norm() / grads["sequential"].norm()).item()
     seq, vm = (statistics.median(times[m]) * 1e3 for m in ("sequential", "vmap"))
-    print(f"conv-4 second-order MAML, meta-batch {args.tasks}, {args.steps} inner steps, {args.device}, "
+    order = "first" if args.first_order else "second"
+    print(f"conv-4 {order}-order MAML, meta-batch {args.tasks}, {args.steps} inner steps, {args.device}, "
           f"{torch.get_num_threads()} threads: task by task {seq:.0f} ms, vmapped {vm:.0f} ms per meta-step: "
           f"{seq / vm:.2f}x; relative difference of the meta-gradients {error:.1e}")
     assert error < 1e-3, error  # float32 rounding; tests/nn/test_plain_norms.py checks 1e-10 in float64
