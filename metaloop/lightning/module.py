@@ -429,7 +429,10 @@ class MetaLightningModule(lightning.LightningModule):
         if kwargs or hparams_file is not None:
             if weights_only is False:
                 raise ValueError("weights_only must stay True: an unrestricted load would let the checkpoint run code")
-            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
+            from metaloop.lightning.checkpoint import local_file
+
+            with local_file(checkpoint_path) as local:  # Lightning's download would be unbounded and kept
+                return super().load_from_checkpoint(local, map_location, hparams_file, strict, True, **kwargs)
         from metaloop.lightning.runs import load_module
 
         return load_module(checkpoint_path, map_location=map_location, strict=strict is not False, cls=cls, allow=allow)  # type: ignore[return-value]

@@ -2,9 +2,9 @@
 
 A checkpoint written by ``metaloop fit`` stores its run configuration, and rebuilding the learner or its
 tasks instantiates that configuration's ``_target_`` import paths. Any importable callable can be named
-there: ``torch.hub.load_state_dict_from_url(..., weights_only=False)`` downloads and unpickles a file,
+there: ``torch.hub.load_state_dict_from_url`` downloads a file and may unpickle it (code runs),
 ``builtins.open(..., mode="w")`` truncates one. :func:`build` instantiates a configuration node only after
-:func:`check_targets` has found every target in it allowed, before anything is imported or called:
+:func:`check_targets` has found every target in it allowed, before anything is called:
 
 - the classes metaloop exports (``metaloop``, ``metaloop.lightning``, ``metaloop.nn``, ``metaloop.optim``,
   ``metaloop.tasks``, ``metaloop.transforms``), by public name and by the name of their defining module;
@@ -175,7 +175,6 @@ def build(node: Any, allow: Iterable[str] = (), source: str = "the configuration
     """
     from hydra.utils import instantiate
 
-    allow = list(allow)
-    check_targets(node, allow, source, key)
-    plain = _plain(node)
+    plain = _plain(node)  # what is checked is what is built
+    check_targets(plain, allow, source, key)
     return instantiate(plain, _convert_="partial")
