@@ -404,8 +404,16 @@ def run(cfg: Any) -> dict[str, float]:
     """Returns the final metrics after running ``cfg.command`` (fit, validate or test) on the composed config ``cfg``.
 
     Everything is built and checked before the Trainer starts: a configuration error raises
-    :class:`UsageError` with the offending value, and no checkpoint is written or touched.
+    :class:`UsageError` with the offending value, and no checkpoint is written or touched. A checkpoint
+    downloaded for ``ckpt_path=http(s)://...`` is deleted when the command ends, however it ends.
     """
+    from metaloop.cli.runs import removing_downloads
+
+    with removing_downloads():
+        return _run(cfg)
+
+
+def _run(cfg: Any) -> dict[str, float]:
     import lightning
     import torch
     from hydra.core.hydra_config import HydraConfig
@@ -422,7 +430,7 @@ def run(cfg: Any) -> dict[str, float]:
     from metaloop.lightning.callbacks import (
         MetaStepTimer, NonFiniteError, NonFiniteEvaluation, ValidateFinalStep, check_evaluation,
     )
-    from metaloop.lightning.checkpoint import CheckpointError, SafeCheckpointIO, check_fits, load_checkpoint
+    from metaloop.lightning.checkpoint import CheckpointError, CheckpointSaveError, SafeCheckpointIO, check_fits, load_checkpoint
     from metaloop.lightning.precision import auto_precision
     from metaloop.lightning.runs import SaveRunConfig
 
@@ -473,6 +481,9 @@ def run(cfg: Any) -> dict[str, float]:
         raise RunFailed(_non_finite_evaluation_message(err, cfg, run_dir, checkpoint_step)) from err
     except NonFiniteError as err:
         raise RunFailed(_non_finite_message(err, cfg, run_dir)) from err
+    except CheckpointSaveError as err:
+        resume = f"; resume with hydra.run.dir={run_dir} ckpt_path=last" if (run_dir / "checkpoints" / "last.ckpt").is_file() else ""
+        raise RunFailed(f"{err}{resume}") from err
     except SIGTERMException as err:
         last = run_dir / "checkpoints" / "last.ckpt"
         raise RunFailed(

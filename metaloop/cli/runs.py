@@ -3,7 +3,8 @@
 - :func:`lock_run_folder` holds an exclusive lock on ``RUN_DIR/.metaloop.lock`` while a command runs, so a second ``metaloop`` in the same folder fails at once instead of mixing two runs.
 - :func:`resolve_ckpt_path` turns ``ckpt_path`` into the file a command uses: ``last`` must exist in the
   run folder, ``validate``/``test`` need a checkpoint (``none`` evaluates the untrained model on purpose),
-  and a remote address is downloaded once and then loaded without running code.
+  and a remote address is downloaded once (to ``$TMPDIR/metaloop-ckpt-*``, deleted when the block of
+  :func:`removing_downloads` ends) and then loaded without running code.
 - :func:`record_subdir` keeps the fit's ``.hydra/`` record: evaluation and resumed runs record their
   configuration in a sub-folder of their own.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 from metaloop.lightning.checkpoint import CheckpointError, download, is_remote
 
-__all__ = ["RunFolderBusy", "lock_run_folder", "record_subdir", "resolve_ckpt_path"]
+__all__ = ["RunFolderBusy", "lock_run_folder", "record_subdir", "removing_downloads", "resolve_ckpt_path"]
 
 LOCK_NAME = ".metaloop.lock"
 
@@ -110,8 +112,27 @@ def resolve_ckpt_path(command: str, ckpt_path: Any, run_dir: Path | None, fetch:
     return str(path)
 
 
+_downloads: list[Path] = []  # the folders _download made in this process and no block has removed yet
+
+
 def _download(url: str) -> str:
     folder = Path(tempfile.mkdtemp(prefix="metaloop-ckpt-"))
+    _downloads.append(folder)
     target = folder / "downloaded.ckpt"
     download(url, target)
     return str(target)
+
+
+@contextlib.contextmanager
+def removing_downloads() -> Iterator[None]:
+    """Deletes the checkpoints :func:`resolve_ckpt_path` downloads in the block when it ends, however it ends.
+
+    The Trainer reads ``ckpt_path`` after :func:`resolve_ckpt_path` returns, so the file must outlive that
+    call; the command's run is the block.
+    """
+    start = len(_downloads)
+    try:
+        yield
+    finally:
+        while len(_downloads) > start:
+            shutil.rmtree(_downloads.pop(), ignore_errors=True)

@@ -20,7 +20,7 @@ from metaloop.lightning.models import MLP, Conv4
 from metaloop.lightning.module import MetaLightningModule
 from metaloop.lightning.mamlpp import MAMLPlusPlus, PerStep, msl_weights
 from metaloop.lightning.objectives import Classification, Objective, Regression
-from metaloop.lightning.runs import checkpoint_config, load_run
+from metaloop.lightning.runs import checkpoint_config, load_run, load_tasks
 
 FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that imports it
 
@@ -49,6 +49,7 @@ __all__ = [
     "Conv4",
     "MLP",
     "load_run",
+    "load_tasks",
     "checkpoint_config",
     "PrototypicalModule",
     "FewShotHead",

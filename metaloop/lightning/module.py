@@ -420,19 +420,25 @@ class MetaLightningModule(lightning.LightningModule):
         hparams_file: Any = None,
         strict: bool | None = None,
         weights_only: bool | None = None,
+        allow: Iterable[str] = (),
         **kwargs: Any,
     ) -> MetaLightningModule:
         """Returns the trained module of a checkpoint written by ``metaloop fit`` (see :func:`metaloop.lightning.runs.load_module`).
 
+        The stored configuration builds only metaloop's own targets and those in ``allow`` (import paths or
+        package prefixes ending in ``.``, e.g. ``allow=["mypkg.MyModel"]``; ``$METALOOP_ALLOW_TARGETS`` adds more).
         With constructor arguments in ``kwargs`` (a checkpoint of a module built in Python), Lightning's own loader.
         """
         if kwargs or hparams_file is not None:
             if weights_only is False:
                 raise ValueError("weights_only must stay True: an unrestricted load would let the checkpoint run code")
-            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
+            from metaloop.lightning.checkpoint import local_file
+
+            with local_file(checkpoint_path) as local:  # Lightning's download would be unbounded and kept
+                return super().load_from_checkpoint(local, map_location, hparams_file, strict, True, **kwargs)
         from metaloop.lightning.runs import load_module
 
-        return load_module(checkpoint_path, map_location=map_location, strict=strict is not False, cls=cls)  # type: ignore[return-value]
+        return load_module(checkpoint_path, map_location=map_location, strict=strict is not False, cls=cls, allow=allow)  # type: ignore[return-value]
 
     # -- hooks ------------------------------------------------------------------------------
     def inner_loss(self, fmodel: Callable[..., Tensor], support: Batch) -> Tensor:

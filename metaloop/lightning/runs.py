@@ -3,13 +3,16 @@
 ``metaloop fit`` adds :class:`SaveRunConfig`, which stores the run's resolved configuration as a YAML
 string under :data:`CONFIG_KEY` in every checkpoint (plain data: it loads with
 ``torch.load(..., weights_only=True)``). :func:`load_module` rebuilds the module from that config
-with :func:`hydra.utils.instantiate` and loads the weights; ``MetaLightningModule.load_from_checkpoint(path)``
-and :func:`load_run` (a run folder) call it.
+and loads the weights; ``MetaLightningModule.load_from_checkpoint(path)`` and :func:`load_run` (a run
+folder) call it. :func:`load_tasks` rebuilds the run's tasks. Both build through
+:func:`metaloop.lightning.targets.build`: a stored configuration is data, and only the targets metaloop's
+own configs can name (and those the caller allows) are built from it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import lightning
@@ -17,8 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metaloop.lightning.checkpoint import is_remote, load_checkpoint
+from metaloop.lightning.targets import build, refuse_interpolations
 
-__all__ = ["CONFIG_KEY", "SaveRunConfig", "checkpoint_config", "load_module", "load_run"]
+__all__ = ["CONFIG_KEY", "SaveRunConfig", "checkpoint_config", "load_module", "load_run", "load_tasks"]
 
 CONFIG_KEY = "metaloop_config"
 
@@ -43,10 +47,11 @@ def _load(path: str | Path, map_location: Any = None) -> dict[str, Any]:
 
 
 def checkpoint_config(path: str | Path) -> DictConfig:
-    """Returns the run configuration stored in the checkpoint at ``path`` (rebuild its tasks with ``instantiate(cfg.task.datamodule)``).
+    """Returns the run configuration stored in the checkpoint at ``path`` (rebuild its tasks with :func:`load_tasks`).
 
     Raises:
-        ValueError: if the checkpoint was not written by ``metaloop fit`` (it holds no configuration).
+        ValueError: if the checkpoint was not written by ``metaloop fit`` (it holds no configuration, or
+            one with an interpolation: :class:`~metaloop.lightning.targets.TargetNotAllowed`).
     """
     return _config(_load(path), path)
 
@@ -60,12 +65,25 @@ def _config(checkpoint: dict[str, Any], path: str | Path) -> DictConfig:
             "objective=..., inner_optim=..., outer_optim=...)"
         )
     config = OmegaConf.create(text)
-    assert isinstance(config, DictConfig)
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"checkpoint {path} holds a run configuration that is not a mapping; it was not written by `metaloop fit`")
+    refuse_interpolations(config, f"checkpoint {path}")
     return config
 
 
+def _node(config: DictConfig, key: str, path: str | Path) -> Any:
+    node = OmegaConf.select(config, key)
+    if node is None:
+        raise ValueError(f"checkpoint {path} holds a run configuration without {key}; it was not written by `metaloop fit`")
+    return node
+
+
 def load_module(
-    path: str | Path, map_location: Any = None, strict: bool = True, cls: type[lightning.LightningModule] | None = None
+    path: str | Path,
+    map_location: Any = None,
+    strict: bool = True,
+    cls: type[lightning.LightningModule] | None = None,
+    allow: Iterable[str] = (),
 ) -> lightning.LightningModule:
     """Returns the trained module of a checkpoint written by ``metaloop fit``, in evaluation mode.
 
@@ -77,15 +95,17 @@ def load_module(
         map_location: where tensors go (``torch.load``'s argument; default CPU).
         strict: require the checkpoint's keys to match the module's exactly.
         cls: the class the caller expects (``load_from_checkpoint``'s class); the stored module must be one.
+        allow: import paths (or package prefixes ending in ``.``) the stored configuration may build besides
+            metaloop's own, e.g. ``["mypkg.MyModel"]``; ``$METALOOP_ALLOW_TARGETS`` adds more.
 
     Raises:
-        FileNotFoundError: for a missing file. ValueError: for a checkpoint without a configuration, or of another class.
+        FileNotFoundError: for a missing file. ValueError: for a checkpoint without a configuration, or of another
+            class. :class:`~metaloop.lightning.targets.TargetNotAllowed` (a ValueError): the configuration names a
+            target that is not allowed; nothing was built.
     """
-    from hydra.utils import instantiate
-
     checkpoint = _load(path, map_location)
     config = _config(checkpoint, path)
-    module = instantiate(config.module, _convert_="partial")
+    module = build(_node(config, "module", path), allow, source=f"checkpoint {path}", key="module")
     if cls is not None and not isinstance(module, cls):
         raise ValueError(
             f"checkpoint {path} holds a {type(module).__name__}, not a {cls.__name__}; load it with "
@@ -97,8 +117,10 @@ def load_module(
     return module.eval()
 
 
-def load_run(folder: str | Path, checkpoint: str = "last.ckpt", map_location: Any = None) -> lightning.LightningModule:
-    """Returns the trained module of the ``metaloop fit`` run in ``folder`` (its ``checkpoints/<checkpoint>``)."""
+def load_run(
+    folder: str | Path, checkpoint: str = "last.ckpt", map_location: Any = None, allow: Iterable[str] = ()
+) -> lightning.LightningModule:
+    """Returns the trained module of the ``metaloop fit`` run in ``folder`` (its ``checkpoints/<checkpoint>``; ``allow`` as for :func:`load_module`)."""
     path = Path(folder).expanduser() / "checkpoints" / checkpoint
     if not path.is_file():
         present = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
@@ -106,4 +128,18 @@ def load_run(folder: str | Path, checkpoint: str = "last.ckpt", map_location: An
             f"{path} does not exist; {folder} is not a metaloop run folder or has no {checkpoint} "
             f"(checkpoints there: {', '.join(present) or 'none'})"
         )
-    return load_module(path, map_location=map_location)
+    return load_module(path, map_location=map_location, allow=allow)
+
+
+def load_tasks(path: str | Path, allow: Iterable[str] = ()) -> lightning.LightningDataModule:
+    """Returns the task data module of the run that wrote the checkpoint at ``path`` (a file or an http(s) address).
+
+    Built from the stored configuration's ``task.datamodule`` through the same allowlist as :func:`load_module`
+    (``allow`` adds import paths or package prefixes, e.g. a ``task=custom`` run's ``["mypkg.tasks.linear_tasks"]``).
+
+    Raises:
+        FileNotFoundError: for a missing file. ValueError: for a checkpoint without a configuration;
+            :class:`~metaloop.lightning.targets.TargetNotAllowed` for a target that is not allowed (nothing was built).
+    """
+    config = _config(_load(path), path)
+    return build(_node(config, "task.datamodule", path), allow, source=f"checkpoint {path}", key="task.datamodule")
