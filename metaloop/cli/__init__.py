@@ -202,6 +202,7 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, bool, bool, list[str]]
 def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | None] | None:
     """Returns Hydra's command line for ``metaloop COMMAND ARGS`` and the run folder to lock, or None after printing help."""
     # imported here: `metaloop recipes` and `--help` need neither torch nor Lightning
+    from metaloop.cli.launch import process_rank
     from metaloop.cli.runs import record_subdir, resolve_ckpt_path
     from metaloop.cli.schema import check_command_line
     from metaloop.lightning.checkpoint import CheckpointError
@@ -225,7 +226,8 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | No
         if subdir is not None:
             argv.append(f"hydra.output_subdir={subdir}")
     lock = _folder_to_lock(composed, multirun)
-    if composed is not None and not multirun:
+    # ranks other than 0 lock no folder (None here); rank 0 checks the checkpoint, each rank's run resolves it
+    if composed is not None and not multirun and process_rank() == 0:
         try:
             resolve_ckpt_path(command, composed.get("ckpt_path"), lock, fetch=False)
         except CheckpointError as err:
@@ -359,7 +361,8 @@ def _task(cfg: Any) -> float | dict[str, float] | None:
     except RunFailed as err:
         if err.code == 1:
             sys.exit(f"metaloop: error: {err}")
-        print(f"metaloop: error: {err}", file=sys.stderr)
+        if str(err):  # empty: a DDP rank other than 0 that stopped with the others; rank 0 reports it
+            print(f"metaloop: error: {err}", file=sys.stderr)
         sys.exit(err.code)
 
 
@@ -445,12 +448,19 @@ def run(cfg: Any) -> dict[str, float]:
     except NonFiniteError as err:
         raise RunFailed(_non_finite_message(err, cfg, run_dir)) from err
     except SIGTERMException as err:
+        if not trainer.is_global_zero:
+            raise RunFailed("", code=143) from err
         last = run_dir / "checkpoints" / "last.ckpt"
         raise RunFailed(
             f"stopped by SIGTERM at meta-step {trainer.global_step}; "
             + (f"the weights of that step are in {last}: resume with hydra.run.dir={run_dir} ckpt_path=last" if cfg.command == "fit" and last.is_file() else "nothing was saved"),
             code=143,
         ) from err
+    except Exception as err:
+        failure = getattr(trainer.strategy, "failure", None)  # a DDP rank's line: which rank failed, and why
+        if failure is None:
+            raise
+        raise RunFailed(failure) from err
     timings[cfg.command] = time.perf_counter() - start
     validated = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.command == "fit" and cfg.test_after_fit and datamodule.num_test_tasks and not trainer.interrupted:

@@ -139,6 +139,9 @@ KEYS: dict[str, Key] = {
     "trainer.log_every_n_steps": _int(1),
     "trainer.num_nodes": _int(1),
     "trainer.num_sanity_val_steps": _int(-1),
+    "trainer.strategy.timeout_s": Key(
+        "number", minimum=1, hint="seconds a DDP rank waits for the others in a collective before the run stops"
+    ),
     "optimized_metric": Key("str", optional=True, hint="a metric the job logs, e.g. val/loss_post"),
     "sweep.continue_on_failure": Key("bool"),
     "sweep.devices_per_job": _int(1, optional=True),
