@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "COMMANDS", "USAGE", "UsageError", "config_dir", "main", "recipe_dir", "recipe_summaries", "run", "user_config_path",
+    "COMMANDS", "USAGE", "UsageError", "config_dir", "config_text", "main", "recipe_dir", "recipe_summaries", "run",
+    "user_config_path",
 ]
 
 COMMANDS = ("fit", "validate", "test")
@@ -103,9 +104,25 @@ def recipe_dir() -> Path:
     return _checkout_dir("METALOOP_RECIPE_DIR", "recipes")
 
 
+def config_text(path: Path) -> str:
+    """Returns the text of a YAML recipe or config file.
+
+    Raises:
+        UsageError: the file is not UTF-8 text (the message names it).
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+
+
 def _first_comment(path: Path) -> str:
-    """Returns the text of the first comment line of a YAML file ("" if it has none)."""
-    for line in path.read_text().splitlines():
+    """Returns the text of the first comment line of a YAML file ("" if it has none; the problem if it is unreadable)."""
+    try:
+        text = config_text(path)
+    except UsageError as err:
+        return f"(unreadable: {err})"
+    for line in text.splitlines():
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
         if line.strip() and not line.startswith("#"):
