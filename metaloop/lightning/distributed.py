@@ -63,9 +63,6 @@ class DDPStrategy(lightning.pytorch.strategies.DDPStrategy):
 
     Raises:
         ValueError: ``timeout_s`` is not a positive number.
-
-    >>> DDPStrategy(timeout_s=60).timeout_s
-    60.0
     """
 
     def __init__(self, timeout_s: float = 300.0, **kwargs: Any) -> None:
@@ -78,7 +75,7 @@ class DDPStrategy(lightning.pytorch.strategies.DDPStrategy):
         self._signalled = False
         self._fallback: threading.Timer | None = None
 
-    # -- the collective timeout ------------------------------------------------------------------
+    # -- the launched ranks and the collective timeout ---------------------------------------------
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if type(self._launcher) is _SubprocessScriptLauncher:
@@ -127,10 +124,12 @@ class DDPStrategy(lightning.pytorch.strategies.DDPStrategy):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        signalled = torch.tensor([int(self._signalled)], device=self.root_device)
+        signalled = self._signalled
         if _distributed() and self.world_size > 1:
-            dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
-        if signalled.item():
+            votes = torch.tensor([int(signalled)], device=self.root_device)
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+            signalled = bool(votes.item())
+        if signalled:
             raise SIGTERMException()
 
     def _give_up(self) -> None:
