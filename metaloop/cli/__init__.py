@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "COMMANDS", "USAGE", "UsageError", "config_dir", "main", "recipe_dir", "recipe_summaries", "run", "user_config_path",
+    "COMMANDS", "USAGE", "UsageError", "config_dir", "config_text", "main", "recipe_dir", "recipe_summaries", "run",
+    "user_config_path",
 ]
 
 COMMANDS = ("fit", "validate", "test")
@@ -104,9 +105,25 @@ def recipe_dir() -> Path:
     return _checkout_dir("METALOOP_RECIPE_DIR", "recipes")
 
 
+def config_text(path: Path) -> str:
+    """Returns the text of a YAML recipe or config file.
+
+    Raises:
+        UsageError: the file is not UTF-8 text (the message names it).
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+
+
 def _first_comment(path: Path) -> str:
-    """Returns the text of the first comment line of a YAML file ("" if it has none)."""
-    for line in path.read_text().splitlines():
+    """Returns the text of the first comment line of a YAML file ("" if it has none; the problem if it is unreadable)."""
+    try:
+        text = config_text(path)
+    except UsageError as err:
+        return f"(unreadable: {err})"
+    for line in text.splitlines():
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
         if line.strip() and not line.startswith("#"):
@@ -203,6 +220,7 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, bool, bool, list[str]]
 def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | None] | None:
     """Returns Hydra's command line for ``metaloop COMMAND ARGS`` and the run folder to lock, or None after printing help."""
     # imported here: `metaloop recipes` and `--help` need neither torch nor Lightning
+    from metaloop.cli.launch import process_rank
     from metaloop.cli.runs import record_subdir, resolve_ckpt_path
     from metaloop.cli.schema import check_command_line
     from metaloop.lightning.checkpoint import CheckpointError
@@ -226,7 +244,8 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | No
         if subdir is not None:
             argv.append(f"hydra.output_subdir={subdir}")
     lock = _folder_to_lock(composed, multirun)
-    if composed is not None and not multirun:
+    # ranks other than 0 lock no folder (None here); rank 0 checks the checkpoint, each rank's run resolves it
+    if composed is not None and not multirun and process_rank() == 0:
         try:
             resolve_ckpt_path(command, composed.get("ckpt_path"), lock, fetch=False)
         except CheckpointError as err:
@@ -360,7 +379,8 @@ def _task(cfg: Any) -> float | dict[str, float] | None:
     except RunFailed as err:
         if err.code == 1:
             sys.exit(f"metaloop: error: {err}")
-        print(f"metaloop: error: {err}", file=sys.stderr)
+        if str(err):  # empty: a DDP rank other than 0 that stopped with the others; rank 0 reports it
+            print(f"metaloop: error: {err}", file=sys.stderr)
         sys.exit(err.code)
 
 
@@ -485,12 +505,19 @@ def _run(cfg: Any) -> dict[str, float]:
         resume = f"; resume with hydra.run.dir={run_dir} ckpt_path=last" if (run_dir / "checkpoints" / "last.ckpt").is_file() else ""
         raise RunFailed(f"{err}{resume}") from err
     except SIGTERMException as err:
+        if not trainer.is_global_zero:
+            raise RunFailed("", code=143) from err
         last = run_dir / "checkpoints" / "last.ckpt"
         raise RunFailed(
             f"stopped by SIGTERM at meta-step {trainer.global_step}; "
             + (f"the weights of that step are in {last}: resume with hydra.run.dir={run_dir} ckpt_path=last" if cfg.command == "fit" and last.is_file() else "nothing was saved"),
             code=143,
         ) from err
+    except Exception as err:
+        failure = getattr(trainer.strategy, "failure", None)  # a DDP rank's line: which rank failed, and why
+        if failure is None:
+            raise
+        raise RunFailed(failure) from err
     timings[cfg.command] = time.perf_counter() - start
     validated = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     try:

@@ -144,6 +144,9 @@ KEYS: dict[str, Key] = {
     "trainer.log_every_n_steps": _int(1),
     "trainer.num_nodes": _int(1),
     "trainer.num_sanity_val_steps": _int(-1),
+    "trainer.strategy.timeout_s": Key(
+        "number", minimum=1, hint="seconds a DDP rank waits for the others in a collective before the run stops"
+    ),
     "optimized_metric": Key("str", optional=True, hint="a metric the job logs, e.g. val/loss_post"),
     "sweep.continue_on_failure": Key("bool"),
     "sweep.devices_per_job": _int(1, optional=True),
@@ -158,21 +161,54 @@ KEYS: dict[str, Key] = {
     "task.download": Key("bool"),
     "task.root": Key("str", optional=True),
 }
+# the most values a recipe file may hold with its YAML aliases expanded (recipes hold a few hundred)
+MAX_YAML_VALUES = 100_000
 # leaves whose default's type does not say what they accept (Lightning takes several forms)
 _FREE_FORM = {"trainer.devices", "trainer.accelerator", "trainer.strategy"}
 
 
 # -- recipe files ---------------------------------------------------------------------------
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Returns the parsed YAML file and its node tree; raises ConfigError naming file, line and column."""
-    text = path.read_text()
+    """Returns the parsed YAML file and its node tree; raises ConfigError naming file, line and column.
+
+    Also refused, naming the file: text that is not UTF-8, and aliases that expand to more than
+    :data:`MAX_YAML_VALUES` values (a "billion laughs" bomb of 1 KB would exhaust memory when
+    the recipe's keys are indexed and composed).
+    """
+    from metaloop.cli import UsageError, config_text
+
     try:
-        return yaml.safe_load(text), yaml.compose(text)
+        text = config_text(path)
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        node = yaml.compose(text)
+        if _expands_beyond(node, MAX_YAML_VALUES):
+            raise ConfigError(
+                f"{path}: its YAML aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; write the values "
+                "out, or use Hydra's ${...} interpolation"
+            )
+        return yaml.safe_load(text), node
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML ({problem})") from err
+
+
+def _expands_beyond(node: yaml.Node | None, limit: int) -> bool:
+    """True if the YAML node tree, each alias expanded, has more than ``limit`` nodes (counting stops there)."""
+    pending, count = [node] if node is not None else [], 0
+    while pending:
+        count += 1
+        if count > limit:
+            return True
+        current = pending.pop()
+        if isinstance(current, yaml.MappingNode):
+            pending.extend(part for pair in current.value for part in pair)
+        elif isinstance(current, yaml.SequenceNode):
+            pending.extend(current.value)
+    return False
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
@@ -476,6 +512,8 @@ def check_command_line(
                 reference = compose("config", overrides=[searchpath, *(f"{g}={c}" for g, c in choices.items())])
         except (HydraException, OmegaConfBaseException) as err:
             raise to_error(_first_line(err)) from err
+        except UnicodeDecodeError as err:  # a group option that is not UTF-8; Hydra does not say which file
+            raise to_error(_not_utf8([folder, *search])) from err
         finally:
             GlobalHydra.instance().clear()
         return composed, OmegaConf.to_container(reference, resolve=False)
@@ -497,6 +535,19 @@ def check_command_line(
         except ConfigError as err:
             raise to_error(str(err) + (f" [sweep job {' '.join(job)}]" if len(jobs) > 1 else "")) from err
     return first
+
+
+def _not_utf8(folders: Sequence[Path]) -> str:
+    """Returns the problem of the first YAML file under ``folders`` that is not UTF-8 text."""
+    from metaloop.cli import UsageError, config_text
+
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                config_text(path)
+            except UsageError as err:
+                return str(err)
+    return "a config file is not UTF-8 text; save it as UTF-8"
 
 
 def _first_line(err: Exception) -> str:

@@ -8,6 +8,8 @@
 - :mod:`~metaloop.lightning.metrics`: :class:`MeanWithConfidence`.
 - :mod:`~metaloop.lightning.reptile`: :class:`ReptileModule` (Reptile: no query backward, interpolation step).
 - :mod:`~metaloop.lightning.cavia`: :class:`CaviaModule` (CAVIA: per-task context parameters) and its models.
+- :mod:`~metaloop.lightning.distributed`: :class:`DDPStrategy` (``trainer=ddp``): ranks that stop together on SIGTERM,
+  a short collective timeout, and a failed or stuck rank named in one line.
 """
 
 from __future__ import annotations

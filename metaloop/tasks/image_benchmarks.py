@@ -24,6 +24,7 @@ import shutil
 import struct
 import tarfile
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -62,13 +63,36 @@ class SplitImages(NamedTuple):
     boxes: list[tuple[int, int, int, int]] | None = None
 
 
-def decode_image(image: np.ndarray | bytes | Path, mode: str = "RGB", box: tuple[int, int, int, int] | None = None) -> Image.Image:
-    """Returns ``image`` (an ``(H, W, C)`` uint8 array, encoded PNG/JPEG bytes, or a file) as a PIL image in ``mode``, cropped to ``box`` if given."""
+def decode_image(
+    image: np.ndarray | bytes | Path, mode: str = "RGB", box: tuple[int, int, int, int] | None = None, name: str | None = None,
+) -> Image.Image:
+    """Returns ``image`` (an ``(H, W, C)`` uint8 array, encoded PNG/JPEG bytes, or a file) as a PIL image in ``mode``, cropped to ``box`` if given.
+
+    Raises:
+        ValueError: the bytes or file are not an image PIL reads, or the image has more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused from its header, before it
+            is decoded). The message names ``name`` (default: the file, or "an encoded image").
+        FileNotFoundError: the file does not exist.
+    """
     if isinstance(image, np.ndarray):
         pil = Image.fromarray(image).convert(mode)
-    else:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-            pil = opened.convert(mode)
+        return pil.crop(box) if box is not None else pil
+    what = name or ("an encoded image" if isinstance(image, bytes) else str(image))
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that, and decodes; no benchmark image comes near either
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+                pil = opened.convert(mode)
+    except FileNotFoundError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"{what} is refused: {err} The file is corrupt or not the published one: delete it and fetch it again "
+            "(or raise PIL.Image.MAX_IMAGE_PIXELS for a genuine image that large)"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise _bad_file(what, f"a readable image ({err})") from err
     return pil.crop(box) if box is not None else pil
 
 
@@ -288,6 +312,8 @@ def _read_flowers(root: Path, split: str) -> SplitImages:
     return SplitImages([folder / "jpg" / f"image_{i:05d}.jpg" for i, _ in picked], [str(label) for _, label in picked], [label for _, label in picked])
 
 
+# the most a MAT-file's compressed data may expand to: the benchmarks' label files hold kilobytes
+MAT_MAX_BYTES = 16 * 2**20
 # MATLAB level-5 MAT-files: the data types a numeric array uses (MATLAB's miINT8 ... miUINT64)
 _MAT_TYPES = {1: "i1", 2: "u1", 3: "<i2", 4: "<u2", 5: "<i4", 6: "<u4", 7: "<f4", 9: "<f8", 12: "<i8", 13: "<u8"}
 
@@ -305,21 +331,44 @@ def _mat_elements(buffer: bytes) -> Iterator[tuple[int, bytes]]:
             offset += 8 + size + (-size % 8 if kind != 15 else 0)
 
 
+def _inflate(payload: bytes, budget: int, path: Path) -> bytes:
+    """Returns the zlib stream ``payload`` decompressed; raises ValueError naming ``path`` past ``budget`` bytes, before allocating more."""
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(payload, budget + 1)
+    except zlib.error as err:
+        raise _bad_file(path, f"a MAT-file with intact compressed data ({err})") from err
+    if len(data) > budget:
+        raise ValueError(
+            f"{path} expands to more than {MAT_MAX_BYTES // 2**20} MiB when decompressed (a MAT-file of labels holds "
+            "kilobytes): the file is corrupt or not the published one, delete it and fetch it again"
+        )
+    return data
+
+
+def _mat_variables(raw: bytes, path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yields the top-level data elements of a MAT-file's body, compressed ones decompressed (all within :data:`MAT_MAX_BYTES`)."""
+    budget = MAT_MAX_BYTES
+    for kind, payload in _mat_elements(raw):
+        if kind == 15:  # miCOMPRESSED: a zlib stream holding more elements
+            inflated = _inflate(payload, budget, path)
+            budget -= len(inflated)
+            yield from _mat_elements(inflated)
+        else:
+            yield kind, payload
+
+
 def read_mat_array(path: Path, name: str) -> np.ndarray:
     """Returns the numeric array ``name`` of a MATLAB level-5 MAT-file (compressed or not), as the MAT-file stores it.
 
     Raises:
-        ValueError: the file is not a little-endian level-5 MAT-file, or has no numeric array ``name``.
+        ValueError: the file is not a little-endian level-5 MAT-file, has no numeric array ``name``, or its
+            compressed data expands beyond :data:`MAT_MAX_BYTES` (a decompression bomb).
     """
     raw = path.read_bytes()
     if len(raw) < 128 or raw[126:128] != b"IM":
         raise _bad_file(path, "a MATLAB level-5 MAT-file (little-endian)")
-    pending = list(_mat_elements(raw[128:]))
-    while pending:
-        kind, payload = pending.pop(0)
-        if kind == 15:  # miCOMPRESSED: a zlib stream holding more elements
-            pending += list(_mat_elements(zlib.decompress(payload)))
-            continue
+    for kind, payload in _mat_variables(raw[128:], path):
         if kind != 14:  # only miMATRIX elements hold variables
             continue
         parts = list(_mat_elements(payload))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from metaloop.tasks.image_benchmarks import decode_image
 
 __all__ = ["OMNIGLOT_SHA256", "OMNIGLOT_URL", "Omniglot"]
 
@@ -264,11 +265,7 @@ def _decode_all(sources: list[Path], image_size: int) -> dict[str, object]:
     class_of = {name: c for c, name in enumerate(class_names)}
     images = np.empty((len(keys), 1, image_size, image_size), dtype=np.uint8)
     for i, key in enumerate(keys):
-        try:
-            with Image.open(io.BytesIO(pngs[key])) as image:
-                gray = image.convert("L").resize((image_size, image_size), Image.LANCZOS)
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise ValueError(f"{origins[key]} is not a readable PNG image ({err}); replace the file from the official zip") from err
+        gray = decode_image(pngs[key], "L", name=origins[key]).resize((image_size, image_size), Image.LANCZOS)
         images[i, 0] = 255 - np.asarray(gray)
     targets = torch.tensor([class_of[f"{alphabet}/{character}"] for alphabet, character, _ in keys])
     return {"images": torch.from_numpy(images), "targets": targets, "class_names": class_names}

@@ -181,6 +181,36 @@ def test_omniglot_tasksets_fall_back_to_the_bundled_splits_with_a_warning(tmp_pa
         assert {taskset.dataset.indices_to_labels[dd.index] for dd in description} <= labels
 
 
+_SPLIT = """
+import json, random, sys, warnings
+random.seed(int(sys.argv[2]))  # whatever the global random state, the split is the seed's
+from metaloop.compat.learn2learn import vision
+warnings.simplefilter("ignore")
+kwargs = {} if sys.argv[3] == "default" else {"seed": int(sys.argv[3])}
+tasksets = vision.benchmarks.get_tasksets("omniglot", root=sys.argv[1], download=False, **kwargs)
+print(json.dumps([sorted(t.dataset.labels) for t in tasksets]))
+"""
+
+
+def test_omniglot_tasksets_split_characters_by_a_seed_the_same_in_every_process(tmp_path):
+    """learn2learn's split used the unseeded global random: a second process tested on the first one's training characters."""
+    import json
+    import subprocess
+    import sys
+
+    def split(global_seed: int, seed: str) -> list[list[int]]:
+        done = subprocess.run([sys.executable, "-c", _SPLIT, str(tmp_path), str(global_seed), seed],
+                              capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(done.stdout)
+
+    first, second = split(1, "default"), split(2, "default")
+    assert first == second
+    assert [len(s) for s in first] == [164, 15, 63] and not set(first[0]) & set(first[2])
+    assert split(3, "0") == first  # seed=0 is the default
+    other = split(1, "1")
+    assert sorted(sum(other, [])) == sorted(sum(first, [])) and other[2] != first[2]
+
+
 @pytest.mark.parametrize("name, shape, top", [
     ("mini-imagenet", (3, 84, 84), 255.0), ("tiered-imagenet", (3, 84, 84), 1.0), ("cifarfs", (3, 32, 32), 1.0), ("fc100", (3, 32, 32), 1.0),
 ])

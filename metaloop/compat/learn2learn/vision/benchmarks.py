@@ -10,8 +10,9 @@ to the minimal Omniglot splits bundled with metaloop. The others read the publis
 
 One deliberate difference: learn2learn 0.2.x's Omniglot tasksets draw the tasks of all three
 splits from all 1,623 characters (their task transforms are built on the whole dataset); here each
-split's tasks come from its own characters (1,100 / 100 / 423 of the full set, shuffled with
-Python's ``random``), so validation and test characters are never trained on.
+split's tasks come from its own characters (1,100 / 100 / 423 of the full set, shuffled by
+``random.Random(seed)``, ``seed=0`` unless given), so validation and test characters are never trained
+on, and every process (a resumed run, an evaluation, another DDP rank) gets the same split.
 """
 
 from __future__ import annotations
@@ -69,17 +70,20 @@ def _omniglot_images(root: str, download: bool) -> Omniglot:
 
 def omniglot_tasksets(
     train_ways: int, train_samples: int, test_ways: int, test_samples: int, root: str, device: Device = None,
-    download: bool = True, **kwargs: Any,
+    download: bool = True, seed: int = 0, **kwargs: Any,
 ) -> tuple[Splits, Transforms]:
-    """Omniglot 28x28 (strokes 1 on 0), characters split 1100/100/423 (in proportion for the bundled set), each class rotated by a random quarter turn."""
+    """Omniglot 28x28 (strokes 1 on 0), characters split 1100/100/423 (in proportion for the bundled set), each class rotated by a random quarter turn.
+
+    The split is a function of ``seed`` alone (not of the global ``random`` state), the same in every process.
+    """
     omniglot = _omniglot_images(root, download)
     images = omniglot.images.float().div_(255)
     targets = omniglot.targets
     if device is not None:
         images, targets = images.to(device), targets.to(device)
     dataset = MetaDataset(TensorDataset(images, targets))
-    classes = list(dataset.labels)
-    random.shuffle(classes)
+    classes = sorted(dataset.labels)
+    random.Random(seed).shuffle(classes)
     n_train, n_val = round(len(classes) * 1100 / 1623), round(len(classes) * 100 / 1623)
     splits = [classes[:n_train], classes[n_train : n_train + n_val], classes[n_train + n_val :]]
     datasets = tuple(FilteredMetaDataset(dataset, labels) for labels in splits)
@@ -211,7 +215,8 @@ def get_tasksets(
         num_tasks: tasks per taskset, or -1 for endless sampling.
         device: hold the data on this device (as learn2learn's ``OnDeviceDataset``).
         kwargs: passed to the benchmark: ``download`` (default True), ``data_augmentation`` for
-            the ImageNet subsets (None, ``'normalize'``, ``'lee2019'``).
+            the ImageNet subsets (None, ``'normalize'``, ``'lee2019'``), ``seed`` for Omniglot's
+            split of characters into train, validation and test (default 0).
 
     Raises:
         ValueError: an unknown ``name``, or ways/samples the splits cannot provide.
