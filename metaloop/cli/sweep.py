@@ -8,10 +8,11 @@ overrides and ``hydra.run.dir`` set to the job folder, is a plain single run: it
 *its* command line, and all distributed state ends with it. The Hydra launcher (basic, joblib,
 submitit) still decides where and when jobs run; this module only runs each one.
 
-Each job leaves ``sweep_job.json`` in its folder (number, overrides, status, wall time, metrics);
-:class:`SweepResults`, a Hydra callback, gathers them when the sweep ends into
+Each job leaves ``sweep_job.json`` in its folder (number, overrides, status, wall time, metrics, and the
+sweep's id); :class:`SweepResults`, a Hydra callback, gathers this sweep's records when it ends into
 ``sweep_results.csv`` and ``sweep_results.md`` in the sweep folder, prints the table, and exits
-non-zero if any job failed.
+non-zero if any job failed. The ``metaloop`` command holds the sweep folder for the whole sweep (a second
+sweep there fails at once), and each job's folder while the job runs.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-__all__ = ["RECORD", "RESULTS", "SweepResults", "job_command", "read_records", "results_table", "run_job"]
+__all__ = ["RECORD", "RESULTS", "SWEEP_ID", "SweepResults", "job_command", "read_records", "results_table", "run_job"]
 
 RECORD = "sweep_job.json"  # one per job folder, written by the sweep process
 RESULTS = "results.json"  # one per run folder, written by the run's rank 0 (metaloop.cli.report.write_results)
+SWEEP_ID = "METALOOP_SWEEP_ID"  # set for each job (hydra.job.env_set) by the `metaloop` command: the sweep it belongs to
 _SET_BY_CLI = ("command=", "recipe=")
 
 
@@ -63,13 +65,16 @@ def job_command(hydra_cfg: Any) -> list[str]:
     ]
 
 
-def read_records(sweep_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
-    """Returns the job records under ``sweep_dir`` of jobs started at or after ``since`` (a Unix time), by job number."""
+def read_records(sweep_dir: str | Path, since: float = 0.0, sweep: str | None = None) -> list[dict[str, Any]]:
+    """Returns the job records under ``sweep_dir`` of jobs started at or after ``since`` (a Unix time), by job number.
+
+    ``sweep``: only the records of that sweep id (:data:`SWEEP_ID`).
+    """
     records = []
     for path in Path(sweep_dir).rglob(RECORD):
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(path.read_text())
-            if record.get("started", 0.0) >= since:
+            if record.get("started", 0.0) >= since and (sweep is None or record.get("sweep") == sweep):
                 records.append(record)
     return sorted(records, key=lambda r: r["job"])
 
@@ -101,7 +106,8 @@ def run_job(cfg: DictConfig) -> float | dict[str, float]:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from metaloop.cli.launch import claim_devices, process_rank
+    from metaloop.cli.launch import process_rank
+    from metaloop.cli.runs import RunFolderError, lock_run_folder
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
@@ -111,25 +117,19 @@ def run_job(cfg: DictConfig) -> float | dict[str, float]:
         "overrides": [o for o in hydra_cfg.overrides.task if not o.startswith(_SET_BY_CLI)],
         "folder": str(job_dir),
         "started": time.time(),
+        "sweep": os.environ.get(SWEEP_ID),
     }
-    failed_before = [r["job"] for r in read_records(sweep_dir) if r["status"] == "failed" and r["job"] != record["job"]]
+    failed_before = [
+        r["job"] for r in read_records(sweep_dir, sweep=record["sweep"]) if r["status"] == "failed" and r["job"] != record["job"]
+    ]
     if failed_before and not cfg.sweep.continue_on_failure:
         record.update(status="skipped", error=f"job {failed_before[0]} failed and sweep.continue_on_failure=false")
     else:
-        with claim_devices(sweep_dir, cfg) as (env, placement):
-            record.update(placement)
-            (job_dir / RESULTS).unlink(missing_ok=True)
-            start = time.perf_counter()
-            process = subprocess.Popen(
-                job_command(hydra_cfg), env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
-            )
-            stderr = _stream(process)
-            record["wall_time_s"] = round(time.perf_counter() - start, 2)
-        results = job_dir / RESULTS
-        if process.returncode == 0 and results.is_file():
-            record.update(status="ok", metrics=json.loads(results.read_text())["metrics"])
-        else:
-            record.update(status="failed", error=f"exit code {process.returncode}: {_tail(stderr)}")
+        try:
+            with lock_run_folder(job_dir):
+                _run_alone(cfg, hydra_cfg, job_dir, sweep_dir, record)
+        except RunFolderError as err:
+            record.update(status="failed", error=str(err))
     record["ended"] = time.time()
     if process_rank() == 0:  # on SLURM every task of a job runs this function; rank 0 keeps the record
         (job_dir / RECORD).write_text(json.dumps(record, indent=1))
@@ -137,6 +137,26 @@ def run_job(cfg: DictConfig) -> float | dict[str, float]:
     if cfg.get("optimized_metric"):
         return _optimized(metrics, str(cfg.optimized_metric), record)
     return metrics
+
+
+def _run_alone(cfg: DictConfig, hydra_cfg: Any, job_dir: Path, sweep_dir: Path, record: dict[str, Any]) -> None:
+    """Runs the job's own process (:func:`job_command`) on the devices it claims; fills in ``record``."""
+    from metaloop.cli.launch import claim_devices
+
+    with claim_devices(sweep_dir, cfg) as (env, placement):
+        record.update(placement)
+        (job_dir / RESULTS).unlink(missing_ok=True)
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            job_command(hydra_cfg), env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
+        )
+        stderr = _stream(process)
+        record["wall_time_s"] = round(time.perf_counter() - start, 2)
+    results = job_dir / RESULTS
+    if process.returncode == 0 and results.is_file():
+        record.update(status="ok", metrics=json.loads(results.read_text())["metrics"])
+    else:
+        record.update(status="failed", error=f"exit code {process.returncode}: {_tail(stderr)}")
 
 
 def _optimized(metrics: Mapping[str, float], name: str, record: dict[str, Any]) -> float:
@@ -251,7 +271,7 @@ class SweepResults(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = read_records(sweep_dir, self.started)
+        records = read_records(sweep_dir, self.started, config.hydra.job.env_set.get(SWEEP_ID))
         if not records:
             return
         write_results(sweep_dir, records)
