@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from metaloop.cli.stored_config import hydra_value
 
         with _holding(folder) as path:
-            if path is not None:
+            if folder is not None and path is not None:
                 # the folder as created and locked: a new timestamped one may have a suffix; DDP ranks re-run this
                 at = len(hydra_args) - (hydra_args[-1] == "--multirun")
                 hydra_args = [*hydra_args[:at], f"{folder.key}={hydra_value(str(path))}", *hydra_args[at:]]

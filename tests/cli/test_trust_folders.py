@@ -5,6 +5,7 @@ Each test reproduces a failure of issue 19 (section B, and D's unusable run fold
 
 from __future__ import annotations
 
+import doctest
 import fcntl
 import json
 import os
@@ -20,8 +21,11 @@ import torch
 import yaml
 from cli_helpers import TINY, cli, cli_error, last_metrics
 
+from metaloop.cli import stored_config
 from metaloop.cli.runs import LOCK_NAME, lock_run_folder
+from metaloop.cli.stored_config import experiment_changes, hydra_value, value_overrides
 from metaloop.cli.sweep import RECORD
+from metaloop.lightning import callbacks
 from metaloop.lightning.runs import CONFIG_KEY
 
 SINE = ["--config", "maml_sinusoid.yaml", *TINY]
@@ -80,13 +84,19 @@ def test_two_fits_whose_timestamped_folder_is_the_same_get_a_folder_each_and_hol
 
 @pytest.mark.slow
 def test_the_ranks_of_a_ddp_fit_share_the_new_folder_rank_0_created(tmp_path):
-    year = Path("outputs/x") / datetime.now().strftime("%Y")
+    year = tmp_path / "outputs" / "x" / datetime.now().strftime("%Y")
     year.mkdir(parents=True)  # taken: rank 0 creates <year>_1, and Lightning's re-launched rank 1 must use it too
-    cli("fit", *SINE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *SMALL_EVAL,
-        "hydra.run.dir=outputs/x/${now:%Y}")
-    assert sorted(p.name for p in Path("outputs/x").iterdir()) == [year.name, f"{year.name}_1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run(
+        [sys.executable, "-m", "metaloop", "fit", *SINE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "task.num_val_tasks=4", "task.num_test_tasks=4", "hydra.run.dir=outputs/x/${now:%Y}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in year.parent.iterdir()) == [year.name, f"{year.name}_1"]
     assert not any(year.iterdir())
-    assert _step(Path(f"{year}_1") / "checkpoints" / "last.ckpt") == 2
+    assert _step(year.parent / f"{year.name}_1" / "checkpoints" / "last.ckpt") == 2
 
 
 # -- B2. a sweep folder holds one sweep, whose table lists its own jobs ------------------------
@@ -111,6 +121,16 @@ def test_a_sweeps_table_reads_only_its_own_jobs(tmp_path):
     assert "123.0" not in table and len(table.strip().splitlines()) == 2
 
 
+def test_a_sweep_job_whose_folder_another_run_holds_fails_without_running(tmp_path):
+    sweep = tmp_path / "sweep"
+    with lock_run_folder(sweep / "0"):
+        message = cli_error("fit", "-m", *SINE, "seed=0", f"hydra.sweep.dir={sweep}")
+    assert "1 of 1 sweep jobs did not finish" in message
+    row = (sweep / "sweep_results.csv").read_text().splitlines()[1]
+    assert f"run folder {sweep / '0'} is in use by another metaloop run (pid {os.getpid()})" in row
+    assert not (sweep / "0" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_two_sweeps_started_at_once_in_one_folder_one_fails_and_the_other_reports_its_own_jobs(tmp_path):
     sweep, release = tmp_path / "sweep", tmp_path / "release"
@@ -132,7 +152,7 @@ def test_two_sweeps_started_at_once_in_one_folder_one_fails_and_the_other_report
     assert second.returncode != 0 and f"sweep folder {sweep} is in use by another metaloop sweep" in second.stderr
     rows = (sweep / "sweep_results.csv").read_text().splitlines()
     assert len(rows) == 2 and "ok" in rows[1]
-    assert "inner.lr: 0.01" in (sweep / "0" / ".hydra" / "config.yaml").read_text()
+    assert "inner.lr=0.01" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
 
 
 # -- B3. a new fit never goes into a folder holding a finished run ------------------------------
@@ -275,3 +295,26 @@ def test_a_read_only_run_folder_is_one_line(tmp_path):
     message = cli_error("fit", *SINE, f"hydra.run.dir={target}")
     assert message.startswith(f"metaloop: error: hydra.run.dir={target} cannot be written (") and len(message.splitlines()) == 1
     assert not target.exists()
+
+
+# -- the pure parts -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [stored_config, callbacks])
+def test_the_docstring_examples_run(module):
+    assert doctest.testmod(module).failed == 0
+
+
+def test_a_stored_object_or_interpolation_is_never_passed_on_as_a_value():
+    with pytest.raises(ValueError, match="names an object to build"):
+        hydra_value([{"_target_": "os.system", "command": "true"}])
+    with pytest.raises(ValueError, match="is an interpolation"):
+        hydra_value("${oc.env:HOME}")
+    stored = {"inner": {"params": {"_target_": "os.system"}, "lr": 0.1}}
+    with pytest.raises(ValueError, match="the checkpoint's inner.params="):
+        value_overrides(stored, {"inner": {"params": None, "lr": 0.4}}, set())
+    assert value_overrides(stored, {"inner": {"params": None, "lr": 0.4}}, {"inner.params"}) == ["inner.lr=0.1"]
+
+
+def test_run_keys_never_count_as_changes_and_derived_values_follow_their_source():
+    stored = {"seed": 0, "trainer": {"max_steps": 10, "gradient_clip_val": None}, "task": {"k_shots": 5, "num_test_tasks": 600}}
+    current = {"seed": 0, "trainer": {"max_steps": 20, "gradient_clip_val": 1.0}, "task": {"k_shots": "${oc.select:x,5}", "num_test_tasks": 10}}
+    assert experiment_changes(stored, current) == {"trainer.gradient_clip_val": (None, 1.0)}
