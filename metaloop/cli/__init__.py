@@ -14,10 +14,14 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from metaloop.cli.runs import RunFolder
 
 __all__ = [
     "COMMANDS", "USAGE", "UsageError", "config_dir", "config_text", "main", "recipe_dir", "recipe_summaries", "run",
@@ -217,13 +221,20 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, bool, bool, list[str]]
     return config, multirun, show_help, rest
 
 
-def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | None] | None:
-    """Returns Hydra's command line for ``metaloop COMMAND ARGS`` and the run folder to lock, or None after printing help."""
+def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], RunFolder | None] | None:
+    """Returns Hydra's command line for ``metaloop COMMAND ARGS`` and the folder to hold, or None after printing help.
+
+    Everything is checked here, before any file is written: the configuration (each job of a sweep), the
+    checkpoint a command starts from, and what it stores: a resumed fit refuses other experiment settings
+    unless ``resume_changes=allow``; an evaluation takes its experiment settings from the checkpoint
+    (:mod:`metaloop.cli.stored_config`), as overrides added to the command line.
+    """
     # imported here: `metaloop recipes` and `--help` need neither torch nor Lightning
     from metaloop.cli.launch import process_rank
     from metaloop.cli.runs import record_subdir, resolve_ckpt_path
-    from metaloop.cli.schema import check_command_line
-    from metaloop.lightning.checkpoint import CheckpointError
+    from metaloop.cli.schema import check_command_line, hydra_overrides
+    from metaloop.cli.stored_config import explicit_keys, stored_config
+    from metaloop.lightning.checkpoint import CheckpointError, load_checkpoint
 
     config, multirun, show_help, overrides = _split_args(args)
     if show_help:
@@ -235,33 +246,149 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], Path | No
     # build on a shipped one
     search = [*user_config_path(), config_dir(), recipe_dir()]
     searchpath = "hydra.searchpath=[" + ",".join(f"'file://{p}'" for p in search) + "]"
+
+    def composed_with(folder: Path, name: str, adopted: Sequence[str]) -> dict[str, Any] | None:
+        job = [f"command={command}", f"recipe={name}", *overrides, *adopted]
+        return check_command_line(folder, name, job, search, config_dir(), multirun, UsageError)
+
+    adopted: list[str] = []
+    composed = composed_with(folder, name, adopted)
+    run_folder = _run_folder(command, composed, multirun)
+    # a sweep's jobs are checked one by one (see run); a resumed fit's checkpoint is checked on rank 0 only (ranks that
+    # torchrun or SLURM start side by side may not know rank 0's timestamped folder; each rank's run resolves it)
+    if composed is not None and not multirun and (command != "fit" or process_rank() == 0):
+        fixed = run_folder.path if run_folder is not None and not run_folder.fresh else None
+        try:
+            ckpt_path = resolve_ckpt_path(command, composed.get("ckpt_path"), fixed, fetch=False)
+            stored = None if ckpt_path is None else stored_config(load_checkpoint(ckpt_path))
+        except CheckpointError as err:
+            raise UsageError(str(err)) from err
+        if stored is not None and command == "fit":
+            _check_resume(stored, composed, ckpt_path)
+        elif stored is not None:
+            if config is None and _recipe_named(stored.get("recipe")) is not None:
+                folder, name = _recipe_named(stored.get("recipe"))  # type: ignore[misc]
+                composed = composed_with(folder, name, adopted)
+            explicit = explicit_keys(hydra_overrides(overrides)[0])
+            for adopt in (_adopted_groups, _adopted_values):  # groups first: they decide which values there are
+                more = adopt(stored, composed, explicit)
+                if more:
+                    adopted += more
+                    composed = composed_with(folder, name, adopted)
+            run_folder = _run_folder(command, composed, multirun)
     argv = ["--config-dir", str(folder), "--config-name", name, searchpath, f"command={command}", f"recipe={name}"]
-    composed = check_command_line(
-        folder, name, [f"command={command}", f"recipe={name}", *overrides], search, config_dir(), multirun, UsageError
-    )
     if composed is not None:
         subdir = record_subdir(command, composed.get("ckpt_path"))
         if subdir is not None:
             argv.append(f"hydra.output_subdir={subdir}")
-    lock = _folder_to_lock(composed, multirun)
-    # ranks other than 0 lock no folder (None here); rank 0 checks the checkpoint, each rank's run resolves it
-    if composed is not None and not multirun and process_rank() == 0:
-        try:
-            resolve_ckpt_path(command, composed.get("ckpt_path"), lock, fetch=False)
-        except CheckpointError as err:
-            raise UsageError(str(err)) from err
-    return argv + list(overrides) + (["--multirun"] if multirun else []), lock
+    if multirun and run_folder is not None:
+        from metaloop.cli.sweep import SWEEP_ID
+
+        # the sweep's jobs record it, so that its table reads its own jobs only
+        argv.append(f"++hydra.job.env_set.{SWEEP_ID}={uuid.uuid4().hex}")
+    return argv + list(overrides) + adopted + (["--multirun"] if multirun else []), run_folder
 
 
-def _folder_to_lock(composed: dict[str, Any] | None, multirun: bool) -> Path | None:
-    """Returns the run folder this process must hold: a single run's fixed ``hydra.run.dir`` on rank 0, else None."""
-    from metaloop.cli.launch import process_rank
+def _check_resume(stored: dict[str, Any], current: dict[str, Any], ckpt_path: Any) -> dict[str, tuple[Any, Any]]:
+    """Returns the experiment settings ``current`` changes from the checkpoint's; raises :class:`UsageError` unless allowed."""
+    from metaloop.cli.stored_config import experiment_changes, format_changes
 
-    if composed is None or multirun or process_rank() != 0:
+    changes = experiment_changes(stored, current)
+    if changes and current.get("resume_changes") != "allow":
+        raise UsageError(
+            f"resuming {ckpt_path} with other experiment settings than it was fitted with: {format_changes(changes)}; "
+            "resume with the checkpoint's settings, or add resume_changes=allow to change them on purpose (the "
+            "changes are printed and recorded in the resume's .hydra/ record)"
+        )
+    return changes
+
+
+def _recipe_named(name: Any) -> tuple[Path, str] | None:
+    """Returns (folder, name) of the recipe a checkpoint names (a bare name in the recipe folders only), or None."""
+    if not isinstance(name, str) or not name or name != Path(name).name or name.startswith("."):
         return None
-    run_dir = str(composed.get("hydra", {}).get("run", {}).get("dir", ""))
-    # a timestamped default folder is new for each run; only a folder named by the user can be shared
-    return Path(run_dir) if run_dir and "${" not in run_dir else None
+    for folder in [*user_config_path(), recipe_dir()]:
+        if (folder / f"{name}.yaml").is_file():
+            return folder, name
+    return None
+
+
+def _option_nodes(group: str) -> dict[str, Any]:
+    """Returns each option of config ``group`` (the user's first) as data: the node it sets, by option name."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for root in [*user_config_path(), config_dir()]:
+        for path in sorted((root / group).glob("*.yaml")) if (root / group).is_dir() else []:
+            text = path.read_text()
+            package = next((line.split("@package", 1)[1].strip() for line in text.splitlines() if line.startswith("# @package")), None)
+            body = yaml.safe_load(text) or {}
+            if package == "_global_":
+                body = body.get(group) if isinstance(body, dict) else None
+            elif package not in (None, group):
+                continue
+            options.setdefault(path.stem, body)
+    return options
+
+
+def _adopted_groups(stored: dict[str, Any], composed: dict[str, Any] | None, explicit: set[str]) -> list[str]:
+    from metaloop.cli.stored_config import group_overrides
+
+    if composed is None:
+        return []
+    choices = composed.get("hydra", {}).get("runtime", {}).get("choices", {})
+    try:
+        return group_overrides(stored, composed, choices, explicit, _option_nodes)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _adopted_values(stored: dict[str, Any], composed: dict[str, Any] | None, explicit: set[str]) -> list[str]:
+    from metaloop.cli.stored_config import value_overrides
+
+    if composed is None:
+        return []
+    try:
+        return value_overrides(stored, composed, explicit)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _run_folder(command: str, composed: dict[str, Any] | None, multirun: bool) -> RunFolder | None:
+    """Returns the folder the command runs in (a sweep: the sweep's folder), as planned; None for ``--cfg`` and the like."""
+    from metaloop.cli.runs import RunFolder
+
+    if composed is None:
+        return None
+    kind = "sweep" if multirun else "run"
+    text = str(composed.get("hydra", {}).get(kind, {}).get("dir", "") or "")
+    path = _resolved_folder(composed, kind)
+    if path is None:
+        return None
+    ckpt_path = composed.get("ckpt_path")
+    resumes = ckpt_path == "last" or (not multirun and _inside(ckpt_path, path / "checkpoints"))
+    return RunFolder(path, kind, fresh="${now:" in text, new_run=command == "fit" and not resumes)
+
+
+def _resolved_folder(composed: dict[str, Any], kind: str) -> Path | None:
+    """Returns ``hydra.<kind>.dir`` with its interpolations resolved now, or None when only Hydra's runtime can (``${hydra:...}``)."""
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    setup_globals()  # the ${now:...} resolver
+    try:
+        value = OmegaConf.select(OmegaConf.create(composed), f"hydra.{kind}.dir", throw_on_resolution_failure=True)
+    except (OmegaConfBaseException, ValueError, KeyError):
+        return None
+    return Path(str(value)) if value else None
+
+
+def _inside(ckpt_path: Any, folder: Path) -> bool:
+    """True if ``ckpt_path`` is a local file in ``folder``."""
+    if not isinstance(ckpt_path, str) or ckpt_path in ("last", "none") or "://" in ckpt_path:
+        return False
+    return Path(ckpt_path).expanduser().resolve().parent == folder.expanduser().resolve()
 
 
 def _installed(module: str) -> bool:
@@ -303,35 +430,47 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args[0] == "recipes":
             _print_recipes()
             return
-        lock: Path | None = None
+        folder: RunFolder | None = None
         if args[0] in COMMANDS:
             prepared = _hydra_argv(args[0], args[1:])
             if prepared is None:
                 return
-            hydra_args, lock = prepared
+            hydra_args, folder = prepared
         elif args[0].startswith("-"):
-            # Hydra's own command line: how Lightning's DDP launcher re-runs this process
+            # Hydra's own command line: how Lightning's DDP launcher re-runs this process, and how a sweep runs a job
             hydra_args = args
         else:
             raise UsageError(f"unknown command {args[0]!r}; use one of: recipes, {', '.join(COMMANDS)}")
-        with _holding(lock):
+        from metaloop.cli.stored_config import hydra_value
+
+        with _holding(folder) as path:
+            if folder is not None and path is not None:
+                # the folder as created and locked: a new timestamped one may have a suffix; DDP ranks re-run this
+                at = len(hydra_args) - (hydra_args[-1] == "--multirun")
+                hydra_args = [*hydra_args[:at], f"{folder.key}={hydra_value(str(path))}", *hydra_args[at:]]
             _run_hydra(hydra_args)
     except UsageError as err:
         sys.exit(f"metaloop: error: {err}")
 
 
 @contextlib.contextmanager
-def _holding(folder: Path | None) -> Iterator[None]:
-    """Holds the run folder's lock for the block (nothing for None); a folder in use is a :class:`UsageError`."""
-    if folder is None:
-        yield
+def _holding(folder: RunFolder | None) -> Iterator[Path | None]:
+    """Yields the folder ``folder`` plans, created and locked for the block; a folder that cannot be used is a :class:`UsageError`.
+
+    Only rank 0 holds a folder (None otherwise): Lightning's DDP launcher re-runs rank 0's command line with
+    ``hydra.run.dir`` set to the folder rank 0 holds, and ranks other than 0 write no files.
+    """
+    from metaloop.cli.launch import process_rank
+
+    if folder is None or process_rank() != 0:
+        yield None
         return
-    from metaloop.cli.runs import RunFolderBusy, lock_run_folder
+    from metaloop.cli.runs import RunFolderError, hold_run_folder
 
     try:
-        with lock_run_folder(folder):
-            yield
-    except RunFolderBusy as err:
+        with hold_run_folder(folder) as path:
+            yield path
+    except RunFolderError as err:
         raise UsageError(str(err)) from err
 
 
@@ -448,12 +587,13 @@ def _run(cfg: Any) -> dict[str, float]:
     from metaloop.cli.report import print_summary, write_evaluation, write_results
     from metaloop.cli.runs import resolve_ckpt_path
     from metaloop.lightning.callbacks import (
-        MetaStepTimer, NonFiniteError, NonFiniteEvaluation, ValidateFinalStep, check_evaluation,
+        ContinueSchedule, MetaStepTimer, NonFiniteError, NonFiniteEvaluation, ValidateFinalStep, check_evaluation,
     )
     from metaloop.lightning.checkpoint import CheckpointError, CheckpointSaveError, SafeCheckpointIO, check_fits, load_checkpoint
     from metaloop.lightning.precision import auto_precision
     from metaloop.lightning.runs import SaveRunConfig
 
+    composed = OmegaConf.to_container(cfg, resolve=False)  # as composed: instantiate() resolves nodes in place
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
@@ -475,7 +615,7 @@ def _run(cfg: Any) -> dict[str, float]:
         module.check_datamodule(datamodule, cfg.command)
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
         final_validation = ValidateFinalStep()  # the reported validation is of the final weights
-        callbacks += [SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)), final_validation]
+        callbacks += [SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)), ContinueSchedule(), final_validation]
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[SafeCheckpointIO()])
     except InstantiationException as err:
@@ -487,8 +627,9 @@ def _run(cfg: Any) -> dict[str, float]:
     try:
         ckpt_path = resolve_ckpt_path(cfg.command, cfg.ckpt_path, run_dir)
         if ckpt_path is not None:
-            optimizer = _outer_optimizer(module) if cfg.command == "fit" else None
             checkpoint = load_checkpoint(ckpt_path)
+            _compare_stored_config(cfg, composed, checkpoint, str(cfg.ckpt_path), run_dir)
+            optimizer = _outer_optimizer(module) if cfg.command == "fit" else None
             check_fits(module, checkpoint, str(cfg.ckpt_path), optimizer)
             checkpoint_step = checkpoint.get("global_step")
     except CheckpointError as err:
@@ -547,6 +688,57 @@ def _run(cfg: Any) -> dict[str, float]:
         else:
             write_evaluation(cfg.command, results, ckpt_path, checkpoint_step, timings, run_dir)
     return results
+
+
+def _compare_stored_config(cfg: Any, current: Any, checkpoint: dict[str, Any], ckpt_path: str, run_dir: Path) -> None:
+    """Compares ``cfg`` (``current``: as composed, unresolved) with the configuration ``checkpoint`` stores; says (and records) what differs, or refuses.
+
+    A resumed fit changes experiment settings only with ``resume_changes=allow``: the changes are printed and
+    written to ``resume_changes.yaml`` in the resume's ``.hydra/`` record. An evaluation may differ from the
+    checkpoint only in keys its command line sets (each is printed); :func:`_hydra_argv` has already taken the
+    others from the checkpoint, so this guards sweep jobs, which are composed job by job.
+    """
+    import logging
+
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+
+    from metaloop.cli.launch import process_rank
+    from metaloop.cli.stored_config import experiment_changes, explicit_keys, format_changes, is_explicit, stored_config
+
+    stored = stored_config(checkpoint)
+    if stored is None:
+        return
+    log = logging.getLogger(__name__)
+    if cfg.command == "fit":
+        changes = _check_resume(stored, current, ckpt_path)
+        if changes and process_rank() == 0:
+            log.info(f"resuming with changed experiment settings (resume_changes=allow): {format_changes(changes)}")
+            subdir = HydraConfig.get().output_subdir
+            if subdir is not None:
+                record = {k: {"checkpoint": _plain(old), "now": _plain(new)} for k, (old, new) in changes.items()}
+                (run_dir / subdir).mkdir(parents=True, exist_ok=True)
+                (run_dir / subdir / "resume_changes.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        return
+    changes = experiment_changes(stored, current)
+    explicit = explicit_keys(HydraConfig.get().overrides.task)
+    unexplained = {k: v for k, v in changes.items() if not is_explicit(k, explicit)}
+    if unexplained:
+        raise UsageError(
+            f"this {cfg.command} differs from the configuration {ckpt_path} was fitted with: "
+            f"{format_changes(unexplained)}; set these keys to the checkpoint's values on the command line (or to "
+            "other values on purpose)"
+        )
+    if changes and process_rank() == 0:
+        log.info("evaluating with " + "; ".join(
+            f"{k}={new!r} instead of the checkpoint's {old!r}" for k, (old, new) in changes.items()
+        ))
+
+
+def _plain(value: Any) -> Any:
+    from metaloop.cli.stored_config import ABSENT
+
+    return None if value is ABSENT else value
 
 
 def _instantiation_message(err: Exception) -> str:

@@ -109,6 +109,7 @@ KEYS: dict[str, Key] = {
     "seed": _int(),
     "threads": _int(0, hint="0 keeps torch's default"),
     "ckpt_path": Key("str", optional=True, hint="a checkpoint file, 'last', or 'none' for no checkpoint"),
+    "resume_changes": Key("choice", choices=("refuse", "allow"), hint="allow: resume with other experiment settings on purpose"),
     "test_after_fit": Key("bool"),
     "command": Key("choice", choices=("fit", "validate", "test")),
     "recipe": Key("str"),

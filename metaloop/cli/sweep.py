@@ -8,11 +8,12 @@ overrides and ``hydra.run.dir`` set to the job folder, is a plain single run: it
 *its* command line, and all distributed state ends with it. The Hydra launcher (basic, joblib,
 submitit) still decides where and when jobs run; this module only runs each one.
 
-Each job leaves ``sweep_job.json`` in its folder (number, overrides, status, wall time, metrics);
-:class:`SweepResults`, a Hydra callback, gathers them when the sweep ends into
+Each job leaves ``sweep_job.json`` in its folder (number, overrides, status, wall time, metrics, and the
+sweep's id); :class:`SweepResults`, a Hydra callback, gathers this sweep's records when it ends into
 ``sweep_results.csv`` and ``sweep_results.md`` in the sweep folder, prints the table, and exits
 non-zero if any job failed. A failed job returns None to a hyperparameter sweeper, which Optuna
-records as a failed trial, and the search goes on.
+records as a failed trial, and the search goes on. The ``metaloop`` command holds the sweep folder for
+the whole sweep (a second sweep there fails at once), and each job's folder while the job runs.
 
 Signals: each job runs in a session of its own, so that the sweep decides what reaches it. SIGTERM,
 SIGINT or SIGHUP to the sweep (or to a launcher's worker) is forwarded as SIGTERM to every running
@@ -43,13 +44,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 __all__ = [
-    "RECORD", "STOP_GRACE_S", "SweepResults", "check_optimized_metric", "job_command", "job_metric_names", "read_records",
-    "results_table", "run_job",
+    "RECORD", "STOP_GRACE_S", "SWEEP_ID", "SweepResults", "check_optimized_metric", "job_command", "job_metric_names",
+    "read_records", "results_table", "run_job",
 ]
 
 RECORD = "sweep_job.json"  # one per job folder, written by the sweep process
 INTERRUPTED = ".interrupted"  # in the sweep folder while a signal stops the sweep: the signal's number
 STOP_GRACE_S = 120.0  # seconds a job has to save and stop after the sweep forwards a signal, before it is killed
+SWEEP_ID = "METALOOP_SWEEP_ID"  # set for each job (hydra.job.env_set) by the `metaloop` command: the sweep it belongs to
 _SET_BY_CLI = ("command=", "recipe=")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -79,13 +81,16 @@ def job_command(hydra_cfg: Any) -> list[str]:
     ]
 
 
-def read_records(sweep_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
-    """Returns the job records under ``sweep_dir`` of jobs started at or after ``since`` (a Unix time), by job number."""
+def read_records(sweep_dir: str | Path, since: float = 0.0, sweep: str | None = None) -> list[dict[str, Any]]:
+    """Returns the job records under ``sweep_dir`` of jobs started at or after ``since`` (a Unix time), by job number.
+
+    ``sweep``: only the records of that sweep id (:data:`SWEEP_ID`).
+    """
     records = []
     for path in Path(sweep_dir).rglob(RECORD):
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(path.read_text())
-            if record.get("started", 0.0) >= since:
+            if record.get("started", 0.0) >= since and (sweep is None or record.get("sweep") == sweep):
                 records.append(record)
     return sorted(records, key=lambda r: r["job"])
 
@@ -119,8 +124,8 @@ def run_job(cfg: DictConfig) -> float | dict[str, float] | None:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from metaloop.cli.launch import claim_devices, process_rank
-    from metaloop.cli.report import latest_record
+    from metaloop.cli.launch import process_rank
+    from metaloop.cli.runs import RunFolderError, lock_run_folder
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
@@ -130,36 +135,22 @@ def run_job(cfg: DictConfig) -> float | dict[str, float] | None:
         "overrides": [o for o in hydra_cfg.overrides.task if not o.startswith(_SET_BY_CLI)],
         "folder": str(job_dir),
         "started": time.time(),
+        "sweep": os.environ.get(SWEEP_ID),
     }
     keep = process_rank() == 0  # on SLURM every task of a job runs this function; rank 0 keeps the record
-    failed_before = [r["job"] for r in read_records(sweep_dir) if r["status"] == "failed" and r["job"] != record["job"]]
+    failed_before = [
+        r["job"] for r in read_records(sweep_dir, sweep=record["sweep"]) if r["status"] == "failed" and r["job"] != record["job"]
+    ]
     if _interrupted_by(sweep_dir):
         record.update(status="skipped", error=f"not started: the sweep was stopped by {_interrupted_by(sweep_dir)}")
     elif failed_before and not cfg.sweep.continue_on_failure:
         record.update(status="skipped", error=f"job {failed_before[0]} failed and sweep.continue_on_failure=false")
     else:
-        with claim_devices(sweep_dir, cfg) as (env, placement):
-            record.update(placement)
-            start = time.perf_counter()
-            process = subprocess.Popen(
-                job_command(hydra_cfg), env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
-                start_new_session=True,  # a signal to the sweep reaches the job through the sweep, as SIGTERM
-            )
-            stderr = ""
-            with _forwarding_signals(sweep_dir, process):
-                if keep:
-                    _write(job_dir, {**record, "status": "running", "pid": process.pid, "host": socket.gethostname()})
-                if _interrupted_by(sweep_dir):  # a signal between the start and the record above found no pid
-                    _stop(process)
-                stderr = _stream(process)
-            record["wall_time_s"] = round(time.perf_counter() - start, 2)
-        results = latest_record(job_dir, str(cfg.command), since=record["started"] - 1.0)
-        if process.returncode == 0 and results is not None:
-            record.update(status="ok", metrics=json.loads(results.read_text())["metrics"])
-        elif _interrupted_by(sweep_dir):
-            record.update(status="interrupted", error=f"stopped by {_interrupted_by(sweep_dir)} (exit code {process.returncode}): {_tail(stderr)}")
-        else:
-            record.update(status="failed", error=f"exit code {process.returncode}: {_tail(stderr)}")
+        try:
+            with lock_run_folder(job_dir):
+                _run_alone(cfg, hydra_cfg, job_dir, sweep_dir, record, keep)
+        except RunFolderError as err:
+            record.update(status="failed", error=str(err))
     if cfg.get("optimized_metric") and record["status"] == "ok":
         name = str(cfg.optimized_metric)
         value = record["metrics"].get(name)
@@ -174,6 +165,35 @@ def run_job(cfg: DictConfig) -> float | dict[str, float] | None:
         # makes it record this trial as failed and go on
         return float(metrics[str(cfg.optimized_metric)]) if record["status"] == "ok" else None
     return metrics
+
+
+def _run_alone(cfg: DictConfig, hydra_cfg: Any, job_dir: Path, sweep_dir: Path, record: dict[str, Any], keep: bool) -> None:
+    """Runs the job's own process (:func:`job_command`) on the devices it claims, signals forwarded; fills in ``record``."""
+    from metaloop.cli.launch import claim_devices
+    from metaloop.cli.report import latest_record
+
+    with claim_devices(sweep_dir, cfg) as (env, placement):
+        record.update(placement)
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            job_command(hydra_cfg), env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # a signal to the sweep reaches the job through the sweep, as SIGTERM
+        )
+        stderr = ""
+        with _forwarding_signals(sweep_dir, process):
+            if keep:
+                _write(job_dir, {**record, "status": "running", "pid": process.pid, "host": socket.gethostname()})
+            if _interrupted_by(sweep_dir):  # a signal between the start and the record above found no pid
+                _stop(process)
+            stderr = _stream(process)
+        record["wall_time_s"] = round(time.perf_counter() - start, 2)
+    results = latest_record(job_dir, str(cfg.command), since=record["started"] - 1.0)
+    if process.returncode == 0 and results is not None:
+        record.update(status="ok", metrics=json.loads(results.read_text())["metrics"])
+    elif _interrupted_by(sweep_dir):
+        record.update(status="interrupted", error=f"stopped by {_interrupted_by(sweep_dir)} (exit code {process.returncode}): {_tail(stderr)}")
+    else:
+        record.update(status="failed", error=f"exit code {process.returncode}: {_tail(stderr)}")
 
 
 def _write(job_dir: Path, record: Mapping[str, Any]) -> None:
@@ -440,7 +460,7 @@ class SweepResults(Callback):
             signal.signal(s, h)
         sweep_dir = Path(config.hydra.sweep.dir)
         stopped_by = _interrupted_by(sweep_dir)
-        records = read_records(sweep_dir, self.started)
+        records = read_records(sweep_dir, self.started, config.hydra.job.env_set.get(SWEEP_ID))
         if records:
             write_results(sweep_dir, records)
             _print(records, sweep_dir)

@@ -127,7 +127,8 @@ def test_a_diverging_resume_fails_and_keeps_the_finite_checkpoints(tmp_path):
     common = [*SINE, *SMALL_EVAL, "trainer.val_check_interval=5", f"hydra.run.dir={run}"]
     cli("fit", *common, "trainer.max_steps=20")
     saved = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
-    message = cli_error("fit", *common, "trainer.max_steps=30", "inner.lr=1e6", "ckpt_path=last")
+    # inner.lr changes the experiment: a resume takes it only when told the change is meant
+    message = cli_error("fit", *common, "trainer.max_steps=30", "inner.lr=1e6", "resume_changes=allow", "ckpt_path=last")
     assert "meta-step 21" in message and "inner.lr=1000000.0" in message and "ckpt_path=last" in message
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == saved
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -195,7 +196,9 @@ def test_resuming_with_a_config_that_does_not_fit_names_the_mismatch(trained, ch
     run.mkdir()
     os.symlink(trained / "checkpoints", run / "checkpoints")
     record = (trained / ".hydra" / "config.yaml").read_bytes()
-    message = cli_error("fit", *SINE, *SMALL_EVAL, *change, "trainer.max_steps=4", "ckpt_path=last", f"hydra.run.dir={run}")
+    # meant as a change (resume_changes=allow), a configuration that does not fit the weights still fails
+    message = cli_error("fit", *SINE, *SMALL_EVAL, *change, "trainer.max_steps=4", "resume_changes=allow", "ckpt_path=last",
+                        f"hydra.run.dir={run}")
     assert expected in message and len(message.splitlines()) == 1
     assert (trained / ".hydra" / "config.yaml").read_bytes() == record
 
