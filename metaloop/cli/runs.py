@@ -84,17 +84,31 @@ def hold_run_folder(folder: RunFolder) -> Iterator[Path]:
             naming the path and the fix); another metaloop process holds it (:class:`RunFolderBusy`); a new fit
             would go into a folder holding a finished run (naming ``ckpt_path=last`` and a new folder).
     """
+    missing = [p for p in (folder.path, *folder.path.parents) if not p.exists()]
     path = _new_folder(folder) if folder.fresh else folder.path
+    created = [path, *missing[1:]] if folder.fresh or missing else []
     with lock_run_folder(path, folder.key):
-        finished = finished_files(path, folder.kind) if folder.new_run else []
-        if finished:
-            shown = ", ".join(finished[:3]) + (f" and {len(finished) - 3} more" if len(finished) > 3 else "")
-            what = "a sweep's jobs" if folder.kind == "sweep" else "a finished run"
-            raise RunFolderError(
-                f"{folder.kind} folder {path} already holds {what} ({shown}); resume {'its jobs' if folder.kind == 'sweep' else 'it'} "
-                f"with ckpt_path=last, or start anew in a new folder (another {folder.key}, or none for a new timestamped one)"
-            )
-        yield path
+        try:
+            finished = finished_files(path, folder.kind) if folder.new_run else []
+            if finished:
+                shown = ", ".join(finished[:3]) + (f" and {len(finished) - 3} more" if len(finished) > 3 else "")
+                what = "a sweep's jobs" if folder.kind == "sweep" else "a finished run"
+                raise RunFolderError(
+                    f"{folder.kind} folder {path} already holds {what} ({shown}); resume {'its jobs' if folder.kind == 'sweep' else 'it'} "
+                    f"with ckpt_path=last, or start anew in a new folder (another {folder.key}, or none for a new timestamped one)"
+                )
+            yield path
+        finally:  # still holding the lock: no other run can be using the folder
+            _remove_if_unused(path, created)
+
+
+def _remove_if_unused(path: Path, created: list[Path]) -> None:
+    """Removes the lock file and the folders ``created`` here when the command wrote nothing else (it failed first)."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+            (path / LOCK_NAME).unlink(missing_ok=True)
+            for folder in created:  # deepest first
+                folder.rmdir()
 
 
 def _new_folder(folder: RunFolder) -> Path:

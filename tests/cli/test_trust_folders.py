@@ -238,8 +238,8 @@ def test_test_takes_the_checkpoints_settings_and_says_which_it_overrides(fitted,
     cli("test", *TINY, *SMALL_EVAL, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'no_recipe'}")
     assert last_metrics(tmp_path / "no_recipe")["test/loss_post"] == pytest.approx(fit_loss, rel=1e-6)
     capsys.readouterr()
-    cli("test", *SINE, *SMALL_EVAL, "inner.lr=0.5", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'other'}")
-    assert "evaluating with inner.lr=0.5 instead of the checkpoint's 0.1" in capsys.readouterr().out
+    cli("test", *SINE, *SMALL_EVAL, "inner.lr=0.02", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'other'}")
+    assert "evaluating with inner.lr=0.02 instead of the checkpoint's 0.1" in capsys.readouterr().out
     assert last_metrics(tmp_path / "other")["test/loss_post"] != pytest.approx(fit_loss, rel=1e-6)
 
 
