@@ -315,6 +315,15 @@ def _holding(folder: Path | None) -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
+def _register_launchers() -> None:
+    """Registers metaloop's Hydra launcher (``launcher=submitit_slurm``): Hydra's scan of ``hydra_plugins`` misses it in an editable install."""
+    if _installed("hydra_plugins.hydra_submitit_launcher"):
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.metaloop_launcher.slurm_launcher import SlurmLauncher
+
+        Plugins.instance().register(SlurmLauncher)
+
+
 def _run_hydra(hydra_args: list[str]) -> None:
     import hydra
     import lightning  # noqa: F401  (adds console handlers to its loggers on import; Hydra's job_logging replaces them)
@@ -323,6 +332,7 @@ def _run_hydra(hydra_args: list[str]) -> None:
     from metaloop.cli.launch import process_rank
 
     GlobalHydra.instance().clear()
+    _register_launchers()
     if process_rank() != 0:
         # ranks other than 0 (Lightning's DDP children, torchrun, SLURM tasks) write no files: the run folder is rank 0's
         hydra_args = [*hydra_args, "hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
