@@ -40,6 +40,12 @@ _LAUNCHER_PLUGINS = {
     "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
 }
 _SWEEPER_PLUGINS = {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "metaloop[sweepers]")}
+# logger=OPTION: the module its Lightning logger needs and the extra that installs it (named when the logger cannot be built)
+_LOGGER_PACKAGES = {
+    "tensorboard": ("tensorboard", "metaloop[tensorboard]"),
+    "mlflow": ("mlflow", "metaloop[mlflow]"),
+    "wandb": ("wandb", "metaloop[wandb]"),
+}
 
 # Lightning warnings that do not apply to meta-learning runs: the task stream is an endless IterableDataset
 # with a length, and manual optimisation checkpoints after the step by design.
@@ -255,6 +261,7 @@ def _installed(module: str) -> bool:
 
 
 def _check_launcher(overrides: Sequence[str]) -> None:
+    """Raises :class:`UsageError` for a launcher or sweeper option on the command line whose Hydra plugin is not installed."""
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+~") == "hydra/sweeper" and value in _SWEEPER_PLUGINS:
@@ -406,7 +413,7 @@ def run(cfg: Any) -> dict[str, float]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from metaloop.cli.launch import check_scale_out
-    from metaloop.cli.report import print_summary, write_results
+    from metaloop.cli.report import LogRunConfig, log_results, print_summary, write_results
     from metaloop.cli.runs import resolve_ckpt_path
     from metaloop.lightning.callbacks import MetaStepTimer, NonFiniteError
     from metaloop.lightning.checkpoint import CheckpointError, SafeCheckpointIO, check_fits, load_checkpoint
@@ -434,6 +441,7 @@ def run(cfg: Any) -> dict[str, float]:
         module.check_datamodule(datamodule, cfg.command)
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
         callbacks.append(SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)))
+        callbacks.append(LogRunConfig(OmegaConf.to_container(cfg, resolve=True)))
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[SafeCheckpointIO()])
     except InstantiationException as err:
@@ -472,6 +480,7 @@ def run(cfg: Any) -> dict[str, float]:
         print_summary(cfg, trainer, results, timings, HydraConfig.get().runtime.output_dir)
         rate = next((c.rate for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), None)
         write_results(results, trainer.global_step, timings, HydraConfig.get().runtime.output_dir, rate)
+        log_results(trainer.loggers, results, trainer.global_step, rate)
     return results
 
 
@@ -486,6 +495,7 @@ def _instantiation_message(err: Exception) -> str:
     first = str(err).splitlines()[0]
     key = first[first.find("full_key:"):] if "full_key:" in first else ""
     message = str(cause) if cause is not err else first
-    if isinstance(cause, ModuleNotFoundError) and "tensorboard" in message.lower():
-        message += " (logger=tensorboard needs `pip install 'metaloop[tensorboard]'`; or use logger=csv)"
+    missing = [option for option, (module, _) in _LOGGER_PACKAGES.items() if module in message.lower()]
+    if isinstance(cause, ModuleNotFoundError) and missing:
+        message += f" (logger={missing[0]} needs `pip install '{_LOGGER_PACKAGES[missing[0]][1]}'`; or use logger=csv)"
     return f"{message}" + (f" [{key}]" if key else "")

@@ -1,21 +1,27 @@
-"""What the ``metaloop`` command shows: a progress bar of meta-steps, and at the end a learning-curve plot, a summary table and ``results.json``."""
+"""What the ``metaloop`` command shows: a progress bar of meta-steps, and at the end a learning-curve plot, a summary table and ``results.json``.
+
+Every logger (``logger=csv|tensorboard|mlflow|wandb``) gets the run's composed config as hyperparameters
+(:class:`LogRunConfig`) and, at the end, the final results of ``results.json`` (:func:`log_results`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.table import Table
 
 from metaloop.lightning.callbacks import MetaStepTimer
 
-__all__ = ["LearningCurve", "MetaStepProgressBar", "print_summary", "write_results"]
+__all__ = ["LearningCurve", "LogRunConfig", "MetaStepProgressBar", "log_results", "print_summary", "write_results"]
 
 
 class MetaStepProgressBar(RichProgressBar):
@@ -183,3 +189,34 @@ def write_results(
     record = {"metrics": results, "global_step": global_step, "timings": timings, "meta_steps_per_s": meta_steps_per_s}
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+class LogRunConfig(lightning.Callback):
+    """Gives every logger of the trainer the run's composed ``config`` (a resolved, nested dict) as hyperparameters, once.
+
+    Lightning logs only the module's own hyperparameters; trackers (MLflow params, W&B config) then
+    hold the whole run: recipe, task, model, optimizers, trainer, seed.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self._logged = False
+
+    def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+        if self._logged:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+        self._logged = True
+
+
+def log_results(
+    loggers: Sequence[Logger], results: Mapping[str, float], global_step: int, meta_steps_per_s: float | None = None
+) -> None:
+    """Logs the run's final results (what :func:`write_results` writes) to each logger as ``results/<metric>`` at ``global_step``; rank 0 only."""
+    metrics = {f"results/{name}": float(value) for name, value in results.items()}
+    if meta_steps_per_s is not None:
+        metrics["results/meta_steps_per_s"] = float(meta_steps_per_s)
+    for logger in loggers:
+        logger.log_metrics(metrics, step=global_step)
+        logger.save()
