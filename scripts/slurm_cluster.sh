@@ -23,6 +23,10 @@ installed() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null &&
 
 install() {
     if installed; then return 0; fi
+    # test workers (pytest -n 2) may install at once: one apt-get at a time, the others then find SLURM installed
+    exec 9>/tmp/metaloop-slurm-install.lock
+    flock -w 900 9 || die "another install of SLURM held /tmp/metaloop-slurm-install.lock for 15 minutes"
+    if installed; then return 0; fi
     command -v apt-get >/dev/null || die "slurmctld, slurmd, sbatch or munged is missing and there is no apt-get to install them"
     [ "$(id -u)" = 0 ] || die "installing slurmctld slurmd slurm-client munge needs root (or install them yourself)"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
