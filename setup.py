@@ -15,7 +15,8 @@ DATA = {
 }
 
 setup(
-    packages=[*find_packages(include=["metaloop", "metaloop.*"]), *DATA],
+    # hydra_plugins.metaloop_launcher: launcher=submitit_slurm's launcher (Hydra loads launchers from hydra_plugins only)
+    packages=[*find_packages(include=["metaloop", "metaloop.*"]), *find_namespace_packages(include=["hydra_plugins.*"]), *DATA],
     package_dir=DATA,
     package_data={
         "metaloop": ["py.typed"],

@@ -46,6 +46,12 @@ _LAUNCHER_PLUGINS = {
     "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
 }
 _SWEEPER_PLUGINS = {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "metaloop[sweepers]")}
+# logger=OPTION: the module its Lightning logger needs and the extra that installs it (named when the logger cannot be built)
+_LOGGER_PACKAGES = {
+    "tensorboard": ("tensorboard", "metaloop[tensorboard]"),
+    "mlflow": ("mlflow", "metaloop[mlflow]"),
+    "wandb": ("wandb", "metaloop[wandb]"),
+}
 
 # Lightning warnings that do not apply to meta-learning runs: the task stream is an endless IterableDataset
 # with a length, and manual optimisation checkpoints after the step by design.
@@ -402,6 +408,7 @@ def _installed(module: str) -> bool:
 
 
 def _check_launcher(overrides: Sequence[str]) -> None:
+    """Raises :class:`UsageError` for a launcher or sweeper option on the command line whose Hydra plugin is not installed."""
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+~") == "hydra/sweeper" and value in _SWEEPER_PLUGINS:
@@ -474,6 +481,15 @@ def _holding(folder: RunFolder | None) -> Iterator[Path | None]:
         raise UsageError(str(err)) from err
 
 
+def _register_launchers() -> None:
+    """Registers metaloop's Hydra launcher (``launcher=submitit_slurm``): Hydra's scan of ``hydra_plugins`` misses it in an editable install."""
+    if _installed("hydra_plugins.hydra_submitit_launcher"):
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.metaloop_launcher.slurm_launcher import SlurmLauncher
+
+        Plugins.instance().register(SlurmLauncher)
+
+
 def _run_hydra(hydra_args: list[str]) -> None:
     import hydra
     import lightning  # noqa: F401  (adds console handlers to its loggers on import; Hydra's job_logging replaces them)
@@ -482,6 +498,7 @@ def _run_hydra(hydra_args: list[str]) -> None:
     from metaloop.cli.launch import process_rank
 
     GlobalHydra.instance().clear()
+    _register_launchers()
     if process_rank() != 0:
         # ranks other than 0 (Lightning's DDP children, torchrun, SLURM tasks) write no files: the run folder is rank 0's
         hydra_args = [*hydra_args, "hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
@@ -584,7 +601,7 @@ def _run(cfg: Any) -> dict[str, float]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from metaloop.cli.launch import check_scale_out
-    from metaloop.cli.report import print_summary, write_evaluation, write_results
+    from metaloop.cli.report import LogRunConfig, log_results, print_summary, write_evaluation, write_results
     from metaloop.cli.runs import resolve_ckpt_path
     from metaloop.lightning.callbacks import (
         ContinueSchedule, MetaStepTimer, NonFiniteError, NonFiniteEvaluation, ValidateFinalStep, check_evaluation,
@@ -616,6 +633,7 @@ def _run(cfg: Any) -> dict[str, float]:
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
         final_validation = ValidateFinalStep()  # the reported validation is of the final weights
         callbacks += [SaveRunConfig(OmegaConf.to_yaml(cfg, resolve=True)), ContinueSchedule(), final_validation]
+        callbacks.append(LogRunConfig(OmegaConf.to_container(cfg, resolve=True)))
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[SafeCheckpointIO()])
     except InstantiationException as err:
@@ -674,6 +692,7 @@ def _run(cfg: Any) -> dict[str, float]:
     except NonFiniteEvaluation as err:
         raise RunFailed(_non_finite_evaluation_message(err, cfg, run_dir, checkpoint_step)) from err
     if trainer.is_global_zero:
+        rate = next((c.rate for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), None)
         if cfg.command == "fit":
             evaluated = f"meta-step {trainer.global_step}" + (
                 f" (validation of meta-step {final_validation.step})"
@@ -683,10 +702,10 @@ def _run(cfg: Any) -> dict[str, float]:
             evaluated = f"{ckpt_path} (meta-step {checkpoint_step})" if ckpt_path else "the untrained model (ckpt_path=none)"
         print_summary(cfg, trainer, results, timings, run_dir, evaluated)
         if cfg.command == "fit":
-            rate = next((c.rate for c in trainer.callbacks if isinstance(c, MetaStepTimer) and c.steps), None)
             write_results(results, trainer.global_step, timings, run_dir, rate, final_validation.step)
         else:
             write_evaluation(cfg.command, results, ckpt_path, checkpoint_step, timings, run_dir)
+        log_results(trainer.loggers, results, trainer.global_step, rate if cfg.command == "fit" else None)
     return results
 
 
@@ -752,6 +771,7 @@ def _instantiation_message(err: Exception) -> str:
     first = str(err).splitlines()[0]
     key = first[first.find("full_key:"):] if "full_key:" in first else ""
     message = str(cause) if cause is not err else first
-    if isinstance(cause, ModuleNotFoundError) and "tensorboard" in message.lower():
-        message += " (logger=tensorboard needs `pip install 'metaloop[tensorboard]'`; or use logger=csv)"
+    missing = [option for option, (module, _) in _LOGGER_PACKAGES.items() if module in message.lower()]
+    if isinstance(cause, ModuleNotFoundError) and missing:
+        message += f" (logger={missing[0]} needs `pip install '{_LOGGER_PACKAGES[missing[0]][1]}'`; or use logger=csv)"
     return f"{message}" + (f" [{key}]" if key else "")

@@ -22,9 +22,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["JOBS_AT_ONCE", "check_scale_out", "claim_devices", "jobs_at_once", "process_rank", "visible_gpus"]
+__all__ = [
+    "JOBS_AT_ONCE", "SLURM_CPUS_PER_TASK", "SLURM_GPUS_PER_NODE", "check_scale_out", "claim_devices", "jobs_at_once",
+    "process_rank", "slurm_cpus_per_task", "slurm_gpus_per_node", "visible_gpus",
+]
 
 JOBS_AT_ONCE = "metaloop.jobs_at_once"  # the resolver launcher=parallel sets hydra.launcher.n_jobs with
+# the resolvers launcher=submitit_slurm sets hydra.launcher.cpus_per_task and gpus_per_node with
+SLURM_CPUS_PER_TASK = "metaloop.slurm_cpus_per_task"
+SLURM_GPUS_PER_NODE = "metaloop.slurm_gpus_per_node"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
@@ -56,6 +62,44 @@ def jobs_at_once(value: Any, devices_per_job: Any, accelerator: str) -> int:
 
 
 OmegaConf.register_new_resolver(JOBS_AT_ONCE, jobs_at_once, replace=True)
+
+
+def slurm_cpus_per_task(threads: Any, num_workers: Any) -> int:
+    """Returns the CPUs one SLURM task (one rank) uses: its torch threads (``threads``; 1 when unset) plus its data-loader workers."""
+    return max(1, int(threads or 1)) + int(num_workers or 0)
+
+
+def _partition_has_gpus(partition: str | None) -> bool | None:
+    """Returns whether the nodes of ``partition`` (None: the default partition) have GPUs, from sinfo's GRES; None if sinfo cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split("|", 1) for line in out.stdout.splitlines() if "|" in line]
+    if out.returncode != 0 or not rows:
+        return None
+    # sinfo marks the default partition with a trailing '*'
+    chosen = [gres for name, gres in rows if (name.rstrip("*") == partition if partition else name.endswith("*"))]
+    return any("gpu" in gres for gres in chosen) if chosen else None
+
+
+def slurm_gpus_per_node(accelerator: str, devices: Any, partition: str | None) -> int | None:
+    """Returns the GPUs a SLURM job asks for on each node: none on CPU, ``trainer.devices`` on GPU.
+
+    ``accelerator=auto`` takes GPUs where the partition's nodes have them (sinfo's GRES), so that
+    ``trainer=ddp`` runs on a CPU-only partition and on a GPU one; where sinfo cannot tell, it asks for GPUs.
+    """
+    if accelerator not in ("gpu", "cuda", "auto"):
+        return None
+    if accelerator == "auto" and _partition_has_gpus(partition) is False:
+        return None
+    return int(devices) if isinstance(devices, int) or str(devices).isdigit() else None
+
+
+OmegaConf.register_new_resolver(SLURM_CPUS_PER_TASK, slurm_cpus_per_task, replace=True)
+OmegaConf.register_new_resolver(SLURM_GPUS_PER_NODE, slurm_gpus_per_node, replace=True)
 
 
 def process_rank() -> int:

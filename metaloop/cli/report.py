@@ -1,6 +1,9 @@
 """What the ``metaloop`` command shows and records: a progress bar of meta-steps, and at the end a learning-curve plot,
 a summary table, and the run's record: ``results.json`` for a fit, ``evaluations/<command>-<time>.json`` for each
 ``validate`` or ``test`` (which never touch the fit's ``results.json``). Records are strict JSON.
+
+Every logger (``logger=csv|tensorboard|mlflow|wandb``) gets the run's composed config as hyperparameters
+(:class:`LogRunConfig`) and, at the end, the final results (:func:`log_results`).
 """
 
 from __future__ import annotations
@@ -8,20 +11,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, Timer
+from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.table import Table
 
 from metaloop.lightning.callbacks import MetaStepTimer
 
 __all__ = [
-    "EVALUATIONS", "RESULTS", "LearningCurve", "MetaStepProgressBar", "clock", "latest_record", "print_summary",
-    "remaining_seconds", "resolved_choices", "write_evaluation", "write_results",
+    "EVALUATIONS", "RESULTS", "LearningCurve", "LogRunConfig", "MetaStepProgressBar", "clock", "latest_record",
+    "log_results", "print_summary", "remaining_seconds", "resolved_choices", "write_evaluation", "write_results",
 ]
 
 RESULTS = "results.json"  # a fit's record, in its run folder
@@ -339,3 +344,35 @@ def latest_record(run_dir: str | Path, command: str, since: float = 0.0) -> Path
     candidates = [folder / RESULTS] if command == "fit" else list((folder / EVALUATIONS).glob(f"{command}-*.json"))
     written = [(p.stat().st_mtime, p) for p in candidates if p.is_file() and p.stat().st_mtime >= since]
     return max(written)[1] if written else None
+
+
+class LogRunConfig(lightning.Callback):
+    """Gives every logger of the trainer the run's composed ``config`` (a resolved, nested dict) as hyperparameters, once.
+
+    Lightning logs only the module's own hyperparameters; trackers (MLflow params, W&B config) then
+    hold the whole run: recipe, task, model, optimizers, trainer, seed.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self._logged = False
+
+    def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+        if self._logged:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+        self._logged = True
+
+
+def log_results(
+    loggers: Sequence[Logger], results: Mapping[str, float], global_step: int, meta_steps_per_s: float | None = None
+) -> None:
+    """Logs the run's final results (what :func:`write_results` writes) to each logger as ``results/<metric>`` at ``global_step``; rank 0 only."""
+    # finite values only: a tracker may refuse NaN (the confidence half-width of a single task)
+    metrics = {f"results/{name}": float(value) for name, value in results.items() if math.isfinite(float(value))}
+    if meta_steps_per_s is not None:
+        metrics["results/meta_steps_per_s"] = float(meta_steps_per_s)
+    for logger in loggers:
+        logger.log_metrics(metrics, step=global_step)
+        logger.save()

@@ -151,6 +151,8 @@ KEYS: dict[str, Key] = {
     "optimized_metric": Key("str", optional=True, hint="a metric the job logs, e.g. val/loss_post"),
     "sweep.continue_on_failure": Key("bool"),
     "sweep.devices_per_job": _int(1, optional=True),
+    "sweep.group": Key("str", hint="the name that groups a sweep's jobs in experiment trackers; empty outside a sweep"),
+    "sweep.max_pending_min": Key("number", minimum=0, optional=True, hint="launcher=submitit_slurm: minutes a job may wait in the queue"),
     "task.n_ways": _int(2, optional=True),
     "task.k_shots": _int(1),
     "task.k_queries": _int(1),

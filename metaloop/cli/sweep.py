@@ -65,18 +65,22 @@ def job_command(hydra_cfg: Any) -> list[str]:
     """Returns the command that runs one sweep job alone: ``python -m metaloop.cli`` with Hydra's arguments.
 
     ``hydra_cfg`` is the job's :class:`~hydra.core.hydra_config.HydraConfig`: the same primary config,
-    search path and task overrides (``command=`` and ``recipe=`` among them), and the job folder as
-    ``hydra.run.dir``.
+    search path and task overrides (``command=`` and ``recipe=`` among them), the job folder as
+    ``hydra.run.dir``, and the sweep folder's name as ``sweep.group`` (unless the sweep sets it), by which
+    experiment trackers group the sweep's jobs.
     """
     # --config-dir is the source Hydra names "command-line"
     config_dir = next(s.path for s in hydra_cfg.runtime.config_sources if s.provider == "command-line")
     searchpath = ",".join(_quote(p) for p in hydra_cfg.searchpath)
+    grouped = any(o.lstrip("+~").startswith("sweep.group=") for o in hydra_cfg.overrides.task)
+    group = [] if grouped else [f"sweep.group={_quote(Path(hydra_cfg.sweep.dir).name)}"]
     return [
         sys.executable, "-m", "metaloop.cli",
         "--config-dir", config_dir,
         "--config-name", hydra_cfg.job.config_name,
         f"hydra.searchpath=[{searchpath}]",
         *hydra_cfg.overrides.task,
+        *group,
         f"hydra.run.dir={_quote(hydra_cfg.runtime.output_dir)}",
     ]
 

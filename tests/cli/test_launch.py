@@ -88,7 +88,8 @@ def _hydra_config(capsys, *overrides: str) -> dict:
 def test_slurm_launcher_asks_for_one_task_and_gpu_per_device_on_each_node(capsys):
     if not metaloop.cli._installed("hydra_plugins.hydra_submitit_launcher"):
         pytest.skip("needs hydra-submitit-launcher")
-    launcher = _hydra_config(capsys, "launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2")["launcher"]
+    launcher = _hydra_config(capsys, "launcher=submitit_slurm", "trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=4",
+                             "trainer.num_nodes=2")["launcher"]
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
 
 
