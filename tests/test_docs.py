@@ -209,6 +209,11 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
             assert f"<code>{option.parent.name}={option.stem}</code>" in reference, option
     for page in ("api/lightning", "results/omniglot", "benchmarks/speed", "guarantees"):
         assert (site / page / "index.html").is_file(), page
+    for page in (site / "api").glob("*/index.html"):
+        html = page.read_text()
+        # docstrings read as Markdown: Sphinx roles rewritten, >>> examples in Examples sections (not nested quotes)
+        assert ":class:" not in html and ":func:" not in html, page
+        assert "&gt;&gt;&gt;" not in html.replace('<span class="gp">&gt;&gt;&gt; </span>', ""), page
 
 
 def test_readme_is_a_front_page():

@@ -41,11 +41,12 @@ class Entry:
 def header_comment(path: Path) -> str:
     """Returns the comment lines at the top of a YAML file, one per line (Hydra's ``@package`` line left out).
 
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "sgd.yaml"
-    >>> _ = path.write_text("# @package _global_\\n# Gradient descent (Finn et al. 2017)\\n#\\n# lr: MAML's\\nlr: 0.4\\n")
-    >>> header_comment(path).splitlines()
-    ['Gradient descent (Finn et al. 2017)', '', "lr: MAML's"]
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "sgd.yaml"
+        >>> _ = path.write_text("# @package _global_\\n# Gradient descent (Finn et al. 2017)\\n#\\n# lr: MAML's\\nlr: 0.4\\n")
+        >>> header_comment(path).splitlines()
+        ['Gradient descent (Finn et al. 2017)', '', "lr: MAML's"]
     """
     lines = []
     for line in path.read_text().splitlines():
@@ -83,11 +84,12 @@ def file_entries(path: Path, prefix: str = "") -> list[Entry]:
     A file that starts with ``# @package _global_`` sets keys from the root: ``prefix`` is not added.
     The ``defaults`` list is left out (see :func:`config_markdown`, which names what an option builds on).
 
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "inner.yaml"
-    >>> _ = path.write_text("steps: 1   # inner steps per task\\nimplicit:   # iMAML\\n  lam: 1.0\\n")
-    >>> [(e.key, e.default, e.doc) for e in file_entries(path, "inner.")]
-    [('inner.steps', 1, 'inner steps per task'), ('inner.implicit', None, 'iMAML'), ('inner.implicit.lam', 1.0, '')]
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "inner.yaml"
+        >>> _ = path.write_text("steps: 1   # inner steps per task\\nimplicit:   # iMAML\\n  lam: 1.0\\n")
+        >>> [(e.key, e.default, e.doc) for e in file_entries(path, "inner.")]
+        [('inner.steps', 1, 'inner steps per task'), ('inner.implicit', None, 'iMAML'), ('inner.implicit.lam', 1.0, '')]
     """
     text = path.read_text()
     if text.startswith(_GLOBAL):

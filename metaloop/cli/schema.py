@@ -52,10 +52,11 @@ class Key:
     def check(self, name: str, value: Any) -> str | None:
         """Returns what is wrong with ``value`` for key ``name``, or None.
 
-        >>> KEYS["inner.steps"].check("inner.steps", 5) is None
-        True
-        >>> KEYS["inner.first_order"].check("inner.first_order", "no")
-        "inner.first_order='no' is not accepted (not a boolean); use true or false"
+        Examples:
+            >>> KEYS["inner.steps"].check("inner.steps", 5) is None
+            True
+            >>> KEYS["inner.first_order"].check("inner.first_order", "no")
+            "inner.first_order='no' is not accepted (not a boolean); use true or false"
         """
         if value is None:
             return None if self.optional else f"{name} is null; {self.accepted()}"
