@@ -217,9 +217,13 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
 
 
 def test_readme_is_a_front_page():
-    """README.md is at most ~150 lines and every page of the docs it links to exists."""
+    """README.md is at most ~150 lines, keeps the two commands and the docs' build command, and every page of the
+    docs it links to exists."""
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 150
+    assert "bash scripts/setup.sh && .venv/bin/metaloop fit --config maml_omniglot.yaml" in text
+    assert "bash scripts/setup.sh && .venv/bin/python -m pytest -n 2 -q" in text
+    assert "pip install -e '.[docs]'" in text and "mkdocs serve" in text
     links = re.findall(r"\]\((docs/[^)#]+)", text)
     assert len(links) >= 8
     for link in links:
