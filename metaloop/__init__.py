@@ -48,6 +48,17 @@ def innerloop_ctx(
     ``diffopt.step(loss)`` updates ``fmodel``'s fast weights on the graph; gradients of a
     later loss reach ``fmodel.parameters(time=0)`` (and, with ``copy_initial_weights=False``,
     ``model``'s own parameters) and any hyperparameter given as a tensor in ``override``.
+
+    Examples:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> x, y = torch.randn(4, 2), torch.randn(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with innerloop_ctx(model, opt, override={"lr": lr}) as (fmodel, diffopt):
+        ...     new_weights = diffopt.step(torch.nn.functional.mse_loss(fmodel(x), y))
+        ...     torch.nn.functional.mse_loss(fmodel(x), y).backward()
+        >>> lr.grad < 0  # the first step lowered the loss: a larger step would lower it more
+        tensor(True)
     """
     fmodel = monkeypatch(
         model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads

@@ -52,7 +52,14 @@ class Key:
     hint: str = ""
 
     def check(self, name: str, value: Any) -> str | None:
-        """Returns what is wrong with ``value`` for key ``name``, or None."""
+        """Returns what is wrong with ``value`` for key ``name``, or None.
+
+        Examples:
+            >>> KEYS["inner.steps"].check("inner.steps", 5) is None
+            True
+            >>> KEYS["inner.first_order"].check("inner.first_order", "no")
+            "inner.first_order='no' is not accepted (not a boolean); use true or false"
+        """
         if value is None:
             return None if self.optional else f"{name} is null; {self.accepted()}"
         problem = self._type_problem(value)

@@ -84,7 +84,7 @@ class AliasFinder(importlib.abc.MetaPathFinder):
         if real is None:
             raise ModuleNotFoundError(
                 f"{fullname} is not provided by metaloop: {name} does not exist; "
-                "see the compatibility section of metaloop's README for what is provided",
+                "see metaloop's docs/compatibility.md (the learn2learn section) for what is provided",
                 name=fullname,
             )
         is_package = real.submodule_search_locations is not None

@@ -101,10 +101,11 @@ class CaviaModule(MetaLightningModule):
     outer optimizer through the inner loop (second order unless ``first_order``). Training,
     evaluation, logged metrics and checkpoints are those of :class:`MetaLightningModule`.
 
+    The arguments not listed here are as for :class:`~metaloop.lightning.MetaLightningModule`.
+
     Args:
         adapt_params: a regular expression of the context parameters' names (None: :data:`CONTEXT`).
         head: the classifier's name; None: the model's ``head`` if it is an ``nn.Linear``, else its last one.
-        The others: as for :class:`~metaloop.lightning.MetaLightningModule`.
 
     Raises:
         ValueError: as :class:`MetaLightningModule` does, and when no parameter is a context

@@ -137,8 +137,9 @@ class MAMLPlusPlus(MetaLightningModule):
             first-order, later ones second-order (the paper: 50 epochs, 25000; 0 is second-order throughout,
             as the authors' released Omniglot configurations).
         first_order: every meta-step first-order (whatever ``first_order_steps`` says).
-        meta_grad, truncate: accepted so that a configuration's ``inner.meta_grad`` and ``inner.truncate``
-            cannot be silently ignored: only ``"unrolled"`` and None.
+        meta_grad: accepted so that a configuration's ``inner.meta_grad`` cannot be silently ignored:
+            only ``"unrolled"``.
+        truncate: accepted so that a configuration's ``inner.truncate`` cannot be silently ignored: only None.
 
     Raises:
         ValueError: as the base class, for ``inner_steps < 1``, negative schedule lengths, ``lslr`` with

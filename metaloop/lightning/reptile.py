@@ -42,9 +42,11 @@ class ReptileModule(MetaLightningModule):
     (``train/loss``, ``train/acc`` after adaptation) and no gradient flows from it. Under DDP the Reptile gradient is all-reduced
     like any gradient: it is the gradient of ``sum_i ||theta - phi_i||^2 / (2 tasks)``.
 
+    ``model``, ``objective``, ``inner_optim``, ``outer_optim``, ``scheduler``, ``inner_steps``,
+    ``eval_inner_steps``, ``adapt_params``, ``batch_tasks`` and ``head`` are as for
+    :class:`~metaloop.lightning.MetaLightningModule`.
+
     Args:
-        model, objective, inner_optim, outer_optim, scheduler, inner_steps, eval_inner_steps,
-        adapt_params, batch_tasks, head: as for :class:`~metaloop.lightning.MetaLightningModule`.
         inner_batch: examples per inner step in training: mini-batches drawn without replacement
             from the task's examples, reshuffled when they run out (Nichol et al. 2018: 10); one
             draw per meta-step, shared by its tasks, seeded by the step. None: every example at
@@ -53,8 +55,9 @@ class ReptileModule(MetaLightningModule):
             on 10 examples per class and test on 1: with ``task.k_shots=1`` and ``task.k_queries=9``
             this gives the training tasks their 10 shots. The logged training metrics are then
             on examples the inner loop has fitted.
-        learnable, meta_grad: accepted so that the configuration's module keys apply to every
-            gradient-based learner; Reptile takes only their neutral values (None, ``"unrolled"``).
+        learnable: accepted so that the configuration's module keys apply to every gradient-based
+            learner; Reptile takes only its neutral value, None.
+        meta_grad: accepted for the same reason; Reptile takes only ``"unrolled"``.
 
     Raises:
         ValueError: as :class:`~metaloop.lightning.MetaLightningModule` does, and for learned inner

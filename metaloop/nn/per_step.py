@@ -36,7 +36,8 @@ class PerStepBatchNorm2d(nn.Module):
             ``"running"``, the slot's running statistics, as the paper describes BNRS; ``"batch"``, the
             batch's own (transductive, as in training), which is what the authors' code does (it
             collects the per-step statistics but always normalises with the batch's).
-        momentum, eps: as :class:`torch.nn.BatchNorm2d`.
+        momentum: as :class:`torch.nn.BatchNorm2d`'s.
+        eps: as :class:`torch.nn.BatchNorm2d`'s.
 
     Raises:
         ValueError: for ``steps < 1``, ``num_features < 1`` or another ``eval_stats``.

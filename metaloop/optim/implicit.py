@@ -231,9 +231,11 @@ def implicit_solution(
         solution: the inner problem's (approximate) root; its graph, if any, is not used.
         meta: the tensors to differentiate; tensors that ``optimality_fn`` reads from elsewhere
             (closures, ``args``) get no gradient through the solution.
-        solve, maxiter, tol: the linear solver (see :class:`ImplicitOptions`). Conjugate gradient
-            assumes ``dF/dsolution`` is symmetric positive definite (``F`` a gradient of a convex
+        solve: the linear solver, ``"cg"`` or ``"neumann"`` (see :class:`ImplicitOptions`). Conjugate
+            gradient assumes ``dF/dsolution`` is symmetric positive definite (``F`` a gradient of a convex
             objective); the Neumann series that its spectral radius about ``I`` is below 1.
+        maxiter: the solver's most iterations (see :class:`ImplicitOptions`).
+        tol: the solver's relative residual tolerance (see :class:`ImplicitOptions`).
 
     The backward pass solves ``(dF/dsolution)^T u = w`` for the incoming gradient ``w`` and gives
     ``meta`` the gradient ``-u^T dF/dmeta``; it is not itself differentiable (no third order).
@@ -298,8 +300,10 @@ def implicit_inner_loop(
     IFT assumes. Learned hyperparameters and tensors that ``loss`` captures get no gradient
     through the result. Weights that do not require grad stay frozen.
 
+    ``loss``, ``weights``, ``rule``, ``hparams``, ``steps`` and ``batched`` are as for
+    :func:`~metaloop.optim.loop.inner_loop`.
+
     Args:
-        loss, weights, rule, hparams, steps, batched: as for :func:`~metaloop.optim.loop.inner_loop`.
         options: ``lam``, ``solver``, ``maxiter``, ``tol`` (see :class:`ImplicitOptions`).
         create_graph: False adapts the same way and returns detached weights (evaluation).
 

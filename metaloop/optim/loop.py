@@ -61,6 +61,19 @@ def inner_loop(
     Raises:
         ValueError: for negative ``steps``, a ``truncate`` outside ``0..steps``, ``hparams`` that
             do not name exactly the weights, or a sequence of them whose length is not ``steps``.
+
+    Examples:
+        Three SGD steps on ``(w - 2)^2`` from ``w = 0``, and the meta-gradient of the result:
+
+        >>> from metaloop.optim import get_rule
+        >>> w = torch.zeros((), requires_grad=True)
+        >>> sgd = {"lr": 0.25, "momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0, "maximize": False}
+        >>> adapted = inner_loop(lambda ws: (ws["w"] - 2) ** 2, {"w": w}, rule=get_rule(torch.optim.SGD),
+        ...                      hparams={"w": sgd}, steps=3)
+        >>> adapted["w"].item()  # each step halves the distance to 2
+        1.75
+        >>> torch.autograd.grad(adapted["w"], w)  # d w_3 / d w_0 = (1 - 2 * 0.25)^3
+        (tensor(0.1250),)
     """
     fast = dict(weights)
     for fast in inner_trajectory(
@@ -156,6 +169,12 @@ def truncation_start(steps: int, truncate: int | None) -> int:
 
     Raises:
         ValueError: for a ``truncate`` outside ``0..steps``.
+
+    Examples:
+        >>> truncation_start(10, 2)  # steps 8 and 9 are backpropagated through
+        8
+        >>> truncation_start(10, None)  # the full unroll
+        0
     """
     if truncate is None:
         return 0
