@@ -51,6 +51,10 @@ SHIPPED = frozenset({
     "lightning.pytorch.Trainer",
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.MLFlowLogger",
+    "lightning.pytorch.loggers.WandbLogger",
+    "metaloop.lightning.distributed.DDPStrategy",
+    "hydra_plugins.metaloop_launcher.slurm_launcher.SlurmLauncher",
 })
 _EXPORTING = ("metaloop", "metaloop.lightning", "metaloop.nn", "metaloop.optim", "metaloop.tasks", "metaloop.transforms")
 _TORCH_FAMILIES = (("torch.nn", "torch.nn.Module"), ("torch.optim", "torch.optim.Optimizer"), ("torch.optim.lr_scheduler", "torch.optim.lr_scheduler.LRScheduler"))
