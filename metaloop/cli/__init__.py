@@ -265,7 +265,8 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], RunFolder
     if composed is not None and not multirun and (command != "fit" or process_rank() == 0):
         fixed = run_folder.path if run_folder is not None and not run_folder.fresh else None
         try:
-            ckpt_path = resolve_ckpt_path(command, composed.get("ckpt_path"), fixed, fetch=False)
+            # a remote checkpoint is downloaded once here; run() finds the same file (deleted when the command ends)
+            ckpt_path = resolve_ckpt_path(command, composed.get("ckpt_path"), fixed)
             stored = None if ckpt_path is None else stored_config(load_checkpoint(ckpt_path))
         except CheckpointError as err:
             raise UsageError(str(err)) from err
@@ -429,35 +430,43 @@ def _check_launcher(overrides: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the ``metaloop`` command line (``argv`` defaults to ``sys.argv[1:]``); exits non-zero on errors."""
+    from metaloop.cli.runs import removing_downloads
+
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not args or args[0] in ("-h", "--help"):
-            print(USAGE)
-            return
-        if args[0] == "recipes":
-            _print_recipes()
-            return
-        folder: RunFolder | None = None
-        if args[0] in COMMANDS:
-            prepared = _hydra_argv(args[0], args[1:])
-            if prepared is None:
-                return
-            hydra_args, folder = prepared
-        elif args[0].startswith("-"):
-            # Hydra's own command line: how Lightning's DDP launcher re-runs this process, and how a sweep runs a job
-            hydra_args = args
-        else:
-            raise UsageError(f"unknown command {args[0]!r}; use one of: recipes, {', '.join(COMMANDS)}")
-        from metaloop.cli.stored_config import hydra_value
-
-        with _holding(folder) as path:
-            if folder is not None and path is not None:
-                # the folder as created and locked: a new timestamped one may have a suffix; DDP ranks re-run this
-                at = len(hydra_args) - (hydra_args[-1] == "--multirun")
-                hydra_args = [*hydra_args[:at], f"{folder.key}={hydra_value(str(path))}", *hydra_args[at:]]
-            _run_hydra(hydra_args)
+        with removing_downloads():
+            _main(args)
     except UsageError as err:
         sys.exit(f"metaloop: error: {err}")
+
+
+def _main(args: list[str]) -> None:
+    """Runs one ``metaloop`` command line; raises :class:`UsageError` for a mistake in it."""
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if args[0] == "recipes":
+        _print_recipes()
+        return
+    folder: RunFolder | None = None
+    if args[0] in COMMANDS:
+        prepared = _hydra_argv(args[0], args[1:])
+        if prepared is None:
+            return
+        hydra_args, folder = prepared
+    elif args[0].startswith("-"):
+        # Hydra's own command line: how Lightning's DDP launcher re-runs this process, and how a sweep runs a job
+        hydra_args = args
+    else:
+        raise UsageError(f"unknown command {args[0]!r}; use one of: recipes, {', '.join(COMMANDS)}")
+    from metaloop.cli.stored_config import hydra_value
+
+    with _holding(folder) as path:
+        if folder is not None and path is not None:
+            # the folder as created and locked: a new timestamped one may have a suffix; DDP ranks re-run this
+            at = len(hydra_args) - (hydra_args[-1] == "--multirun")
+            hydra_args = [*hydra_args[:at], f"{folder.key}={hydra_value(str(path))}", *hydra_args[at:]]
+        _run_hydra(hydra_args)
 
 
 @contextlib.contextmanager

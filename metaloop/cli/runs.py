@@ -234,14 +234,20 @@ def resolve_ckpt_path(command: str, ckpt_path: Any, run_dir: Path | None, fetch:
     return str(path)
 
 
+_fetched: dict[str, str] = {}  # address -> its local copy, while the block that downloaded it lasts
 _downloads: list[Path] = []  # the folders _download made in this process and no block has removed yet
 
 
 def _download(url: str) -> str:
+    """Returns the local copy of ``url``: downloaded once per :func:`removing_downloads` block, then reused."""
+    known = _fetched.get(url)
+    if known is not None and Path(known).is_file():
+        return known
     folder = Path(tempfile.mkdtemp(prefix="metaloop-ckpt-"))
     _downloads.append(folder)
     target = folder / "downloaded.ckpt"
     download(url, target)
+    _fetched[url] = str(target)
     return str(target)
 
 
@@ -257,4 +263,7 @@ def removing_downloads() -> Iterator[None]:
         yield
     finally:
         while len(_downloads) > start:
-            shutil.rmtree(_downloads.pop(), ignore_errors=True)
+            folder = _downloads.pop()
+            for url in [u for u, path in _fetched.items() if Path(path).parent == folder]:
+                del _fetched[url]
+            shutil.rmtree(folder, ignore_errors=True)
