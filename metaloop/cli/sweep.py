@@ -151,7 +151,8 @@ def run_job(cfg: DictConfig) -> float | dict[str, float] | None:
         record.update(status="skipped", error=f"job {failed_before[0]} failed and sweep.continue_on_failure=false")
     else:
         try:
-            with lock_run_folder(job_dir):
+            # rank 0 holds the job folder: on SLURM every task of a job (one per rank) runs this function
+            with lock_run_folder(job_dir) if keep else contextlib.nullcontext():
                 _run_alone(cfg, hydra_cfg, job_dir, sweep_dir, record, keep)
         except RunFolderError as err:
             record.update(status="failed", error=str(err))
