@@ -9,7 +9,9 @@
 #
 # DIR/bin/sacct answers submitit's `sacct -o JobID,State,NodeList --parsable2 -j ID` from squeue: without
 # accounting storage sacct has nothing to say, and submitit would wait forever for a job that crashed.
-# MinJobAge keeps finished jobs in squeue for a day. slurmctld starts clean (-c), so job ids restart at 1.
+# MinJobAge keeps finished jobs in squeue for a day. slurmctld starts clean (-c), so job ids restart at FirstJobId:
+# SLURM_FIRST_JOB_ID, default a random multiple of 100 in 1000-9900, since Lightning derives a DDP job's MASTER_PORT
+# from its job id (15000 + the last four digits) and two test clusters on one machine must not share ports.
 # Ports: SLURMCTLD_PORT and SLURMD_PORT (default: free ones); CPUs: SLURM_CPUS (default: nproc); EnforcePartLimits:
 # SLURM_ENFORCE_PART_LIMITS (default ALL: sbatch refuses a job the partition cannot run; NO: it waits, Reason=PartitionConfig).
 set -euo pipefail
@@ -46,6 +48,7 @@ start() {
     [ -f "$dir/slurmctld.pid" ] && alive "$dir/slurmctld.pid" && die "a cluster already runs in $dir; stop it first"
     local cpus=${SLURM_CPUS:-$(nproc)}
     local ctld_port=${SLURMCTLD_PORT:-$(free_port)} d_port=${SLURMD_PORT:-$(free_port)}
+    local first_job=${SLURM_FIRST_JOB_ID:-$(( (RANDOM % 90 + 10) * 100 ))}
     cat > "$dir/slurm.conf" <<EOF
 ClusterName=metaloop
 SlurmctldHost=localhost(127.0.0.1)
@@ -69,6 +72,7 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
 EnforcePartLimits=${SLURM_ENFORCE_PART_LIMITS:-ALL}
 MinJobAge=86400
+FirstJobId=$first_job
 ReturnToService=2
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
