@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     w = omniglot_workload(args.tasks, 1)
     batch = Task(w.support_x, w.support_y, w.query_x, w.query_y)
-    steps, times, notes = {}, {}, {}
+    steps, times = {}, {}
     for path in ("sequential", "vmap"):
         for bf16 in (False, True):
             for fmt in ("contiguous", "channels_last"):
@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     for path in ("sequential", "vmap"):
         for precision in ("float32", "bf16"):
             nchw, cl = (path, precision, "contiguous"), (path, precision, "channels_last")
-            if nchw in notes:
-                print(f"| {path} | {precision} | {notes[nchw]} | | |")
-                continue
             a, b = statistics.median(times[nchw]), statistics.median(times[cl])
             print(f"| {path}{' (first-order)' if path == 'vmap' else ''} | {precision} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
 

@@ -24,6 +24,8 @@ TINY = [
     "task.num_test_tasks=2",
     "~callbacks.progress_bar",
 ]
+# evaluation sets large enough for a confidence interval
+SMALL_EVAL = ["task.num_val_tasks=4", "task.num_test_tasks=4", "task.eval_meta_batch_size=4"]
 
 
 class CrashAt(lightning.Callback):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from cli_helpers import SMALL_EVAL, TINY, cli
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +17,12 @@ def in_tmp_path(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     yield tmp_path
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A sinusoid run of 2 meta-steps (maml_sinusoid, TINY budget, small evaluation sets): its folder, once per test module."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cli("fit", "--config", "maml_sinusoid.yaml", *TINY, *SMALL_EVAL, f"hydra.run.dir={run}")
+    return run

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, cli, cli_error, last_metrics
+from cli_helpers import SMALL_EVAL, TINY, cli, cli_error, last_metrics
 
 from metaloop.cli.runs import lock_run_folder
 
 SINE = ["--config", "maml_sinusoid.yaml", *TINY]
-SMALL_EVAL = ["task.num_val_tasks=4", "task.num_test_tasks=4", "task.eval_meta_batch_size=4"]
 
 
 class _Payload:
@@ -64,15 +63,6 @@ def served(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A sinusoid run of 2 meta-steps: its folder."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cli("fit", *SINE, *SMALL_EVAL, f"hydra.run.dir={run}")
-    return run
 
 
 # -- 1. checkpoints never execute code --------------------------------------------------------

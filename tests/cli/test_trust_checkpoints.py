@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import pytest
-from cli_helpers import TINY, cli, cli_error
+from cli_helpers import SMALL_EVAL, TINY, cli, cli_error
 
 from metaloop.lightning.checkpoint import MAX_DOWNLOAD_ENV, load_checkpoint
 
 SINE = ["--config", "maml_sinusoid.yaml", *TINY]
-SMALL_EVAL = ["task.num_val_tasks=4", "task.num_test_tasks=4", "task.eval_meta_batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A sinusoid run of 2 meta-steps: its folder."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cli("fit", *SINE, *SMALL_EVAL, f"hydra.run.dir={run}")
-    return run
 
 
 @pytest.fixture
