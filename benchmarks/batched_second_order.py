@@ -16,6 +16,7 @@ import time
 import torch
 
 from benchmarks.workloads import omniglot_workload
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import Classification, Conv4, MetaLightningModule
 from metaloop.tasks import Task
 
@@ -33,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     modules, times, grads = {}, {"sequential": [], "vmap": []}, {}
     for mode in times:
         torch.manual_seed(0)
-        modules[mode] = MetaLightningModule(Conv4(5), Classification(), functools.partial(torch.optim.SGD, lr=0.4),
-                                            functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=args.steps,
-                                            batch_tasks=mode, first_order=args.first_order).to(args.device)
+        modules[mode] = MetaLightningModule(Conv4(5), Classification(), InnerOptions(steps=args.steps, batch_tasks=mode, first_order=args.first_order), functools.partial(torch.optim.SGD, lr=0.4), functools.partial(torch.optim.Adam, lr=1e-3)).to(args.device)
     for repeat in range(args.repeats + 1):  # the first round warms up
         for mode, module in modules.items():
             module.zero_grad(set_to_none=True)

@@ -20,6 +20,7 @@ import time
 import torch
 
 from benchmarks.workloads import omniglot_workload
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import Classification, MetaLightningModule
 from metaloop.lightning.precision import bf16_fast
 from metaloop.tasks import Task
@@ -38,9 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         for bf16 in (False, True):
             for fmt in ("contiguous", "channels_last"):
                 key = (path, "bf16" if bf16 else "float32", fmt)
-                module = MetaLightningModule(w.model, Classification(), functools.partial(torch.optim.SGD, lr=w.lr),
-                                             functools.partial(torch.optim.Adam, lr=1e-3), first_order=path == "vmap",
-                                             batch_tasks=path, memory_format=fmt)
+                module = MetaLightningModule(w.model, Classification(), InnerOptions(first_order=path == "vmap", batch_tasks=path), functools.partial(torch.optim.SGD, lr=w.lr), functools.partial(torch.optim.Adam, lr=1e-3), memory_format=fmt)
                 autocast = functools.partial(torch.autocast, "cpu", torch.bfloat16) if bf16 else contextlib.nullcontext
 
                 def step(module: MetaLightningModule = module, autocast=autocast) -> None:

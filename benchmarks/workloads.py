@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import metaloop
+from learner_options import with_inner
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import Classification, MetaLightningModule, Objective, Regression
 from metaloop.tasks import Task
 
@@ -143,10 +145,7 @@ def metaloop_ctx_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
 def lightning_module(w: Workload, batch_tasks: str, **options) -> MetaLightningModule:
     """Returns the :class:`MetaLightningModule` of workload ``w`` (its model, inner optimizer, steps), as ``metaloop fit`` builds it."""
     inner = torch.optim.SGD if w.inner == "sgd" else torch.optim.Adam
-    return MetaLightningModule(
-        w.model, w.objective, inner_optim=functools.partial(inner, lr=w.lr),
-        outer_optim=functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=w.steps, batch_tasks=batch_tasks, **options,
-    )
+    return MetaLightningModule(w.model, w.objective, inner_optim=functools.partial(inner, lr=w.lr), outer_optim=functools.partial(torch.optim.Adam, lr=1e-3), **with_inner(options), inner=InnerOptions(steps=w.steps, batch_tasks=batch_tasks))
 
 
 def fit_step_seconds(module: MetaLightningModule, batch: Task, steps: int, callbacks: list | None = None, **trainer) -> list[float]:

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from metaloop.lightning.precision import ACCEPTED_PRECISIONS, MEMORY_FORMATS
+from metaloop.typed import Key
 
 __all__ = ["ConfigError", "KEYS", "Key", "check_command_line", "check_config", "check_recipe_chain", "check_recipe_keys"]
 
@@ -39,73 +40,6 @@ _SKIPPED_ROOTS = {"hydra", "module", "callbacks", "logger"}
 
 class ConfigError(ValueError):
     """A configuration mistake, reported as one line naming the key, the value and what is accepted."""
-
-
-@dataclass(frozen=True)
-class Key:
-    """The accepted values of one configuration key."""
-
-    kind: str  # "int", "number", "bool", "str", "regex" or "choice"
-    minimum: float | None = None
-    optional: bool = False
-    choices: tuple[str, ...] = ()
-    hint: str = ""
-
-    def check(self, name: str, value: Any) -> str | None:
-        """Returns what is wrong with ``value`` for key ``name``, or None.
-
-        Examples:
-            >>> KEYS["inner.steps"].check("inner.steps", 5) is None
-            True
-            >>> KEYS["inner.first_order"].check("inner.first_order", "no")
-            "inner.first_order='no' is not accepted (not a boolean); use true or false"
-        """
-        if value is None:
-            return None if self.optional else f"{name} is null; {self.accepted()}"
-        problem = self._type_problem(value)
-        if problem is None and self.minimum is not None and value < self.minimum:
-            problem = f"it is below {self.minimum:g}"
-        if problem is None:
-            return None
-        return f"{name}={value!r} is not accepted ({problem}); {self.accepted()}"
-
-    def _type_problem(self, value: Any) -> str | None:
-        if self.kind == "bool":
-            return None if isinstance(value, bool) else "not a boolean"
-        if self.kind == "int":
-            return None if isinstance(value, int) and not isinstance(value, bool) else "not a whole number"
-        if self.kind == "number":
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                return "not a number"
-            # nan passes every range check and fails only at the first step, blamed on a learning rate too large
-            return None if math.isfinite(value) else "not a finite number"
-        if self.kind == "choice":
-            # YAML reads `32` as a number; a choice compares by its text (booleans are never a choice)
-            return None if not isinstance(value, bool) and str(value) in self.choices else "not one of the choices"
-        if not isinstance(value, str):
-            return "not a string"
-        if self.kind == "regex":
-            try:
-                re.compile(value)
-            except re.error as err:
-                return f"not a regular expression: {err}"
-        return None
-
-    def accepted(self) -> str:
-        """Returns a phrase saying what the key accepts."""
-        what = {
-            "bool": "use true or false",
-            "int": "use a whole number",
-            "number": "use a finite number, e.g. 0.01 or 1e-3",
-            "str": "use a string",
-            "regex": "use a regular expression, e.g. '^head\\.'",
-            "choice": f"use one of {', '.join(self.choices)}",
-        }[self.kind]
-        if self.minimum is not None:
-            what += f" >= {self.minimum:g}"
-        if self.optional:
-            what += " (or null)"
-        return what + (f" ({self.hint})" if self.hint else "")
 
 
 def _int(minimum: int | None = None, optional: bool = False, hint: str = "") -> Key:
@@ -132,10 +66,6 @@ KEYS: dict[str, Key] = {
     "inner.implicit.solver": Key("choice", choices=("cg", "neumann")),
     "inner.implicit.maxiter": _int(1),
     "inner.implicit.tol": Key("number", minimum=0),
-    "mamlpp.lslr": Key("bool"),
-    "mamlpp.msl": Key("bool"),
-    "mamlpp.msl_anneal_steps": _int(0, hint="meta-steps over which the multi-step loss anneals to the last step; 0: the last step's loss only"),
-    "mamlpp.first_order_steps": _int(0, hint="meta-steps of first-order meta-gradients before second-order; 0: second-order throughout"),
     "model.steps": _int(1, hint="the inner steps of the per-step BatchNorm, ${inner.steps}"),
     "model.per_step_weights": Key("bool"),
     "model.per_step_stats": Key("bool"),

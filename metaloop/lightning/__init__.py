@@ -1,64 +1,47 @@
-"""Lightning integration: the data module that serves meta-batches of tasks, and the module that meta-learns on them.
+"""Lightning infrastructure: the data module that serves meta-batches of tasks, callbacks, checkpoints, precision.
 
-- :mod:`~metaloop.lightning.module`: :class:`MetaLightningModule`.
-- :mod:`~metaloop.lightning.mamlpp`: :class:`MAMLPlusPlus` (Antoniou et al. 2019), a subclass with per-step parts.
-- :mod:`~metaloop.lightning.objectives`: what a task is scored by (:class:`Classification`, :class:`Regression`).
-- :mod:`~metaloop.lightning.learned`: how inner hyperparameters are learned (:class:`Shared` ... :class:`PerElement`).
-- :mod:`~metaloop.lightning.adapted_model`: :class:`AdaptedModel`, a model run with a task's adapted weights.
-- :mod:`~metaloop.lightning.metrics`: :class:`MeanWithConfidence`.
-- :mod:`~metaloop.lightning.reptile`: :class:`ReptileModule` (Reptile: no query backward, interpolation step).
-- :mod:`~metaloop.lightning.cavia`: :class:`CaviaModule` (CAVIA: per-task context parameters) and its models.
-- :mod:`~metaloop.lightning.distributed`: :class:`DDPStrategy` (``trainer=ddp``): ranks that stop together on SIGTERM,
-  a short collective timeout, and a failed or stuck rank named in one line.
+- :mod:`~metaloop.lightning.datamodule`: :class:`MetaDataModule`.
+- :mod:`~metaloop.lightning.callbacks`: checkpoints at the last step and on SIGTERM, the meta-step timer,
+  stopping before a non-finite meta-gradient is applied.
+- :mod:`~metaloop.lightning.checkpoint`, :mod:`~metaloop.lightning.runs`, :mod:`~metaloop.lightning.targets`:
+  checkpoints that load without running code, a trained run in one line, what a stored configuration may build.
+- :mod:`~metaloop.lightning.precision`: bfloat16 and memory formats; :mod:`~metaloop.lightning.metrics`:
+  :class:`MeanWithConfidence`.
+- :mod:`~metaloop.lightning.distributed`: :class:`DDPStrategy` (``trainer=ddp``): ranks that stop together on
+  SIGTERM, a short collective timeout, and a failed or stuck rank named in one line.
+
+The learners are in :mod:`metaloop.algorithms` and the networks in :mod:`metaloop.nn`; their names are also
+reachable here, as before 0.4 (stored configurations name ``metaloop.lightning.MetaLightningModule``).
 """
 
 from __future__ import annotations
 
-from metaloop.lightning.adapted_model import AdaptedModel
+import importlib
+from typing import Any
+
 from metaloop.lightning.datamodule import MetaDataModule
-from metaloop.lightning.learned import Learned, PerElement, PerLayer, PerTensor, Shared
 from metaloop.lightning.metrics import MeanWithConfidence
-from metaloop.lightning.models import MLP, Conv4
-from metaloop.lightning.module import MetaLightningModule
-from metaloop.lightning.mamlpp import MAMLPlusPlus, PerStep, msl_weights
-from metaloop.lightning.objectives import Classification, Objective, Regression
 from metaloop.lightning.runs import checkpoint_config, load_run, load_tasks
 
-FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that imports it
+# names that moved in 0.4, by the package that holds them now
+_MOVED = {
+    "metaloop.algorithms": (
+        "MetaLightningModule", "MAMLPlusPlus", "PerStep", "msl_weights", "AdaptedModel", "Objective", "Classification",
+        "Regression", "Learned", "Shared", "PerLayer", "PerTensor", "PerElement", "PrototypicalModule", "FewShotHead",
+        "head_logits", "ReptileModule", "CaviaModule",
+    ),
+    "metaloop.lightning.models": ("Conv4", "MLP"),
+    "metaloop.nn": ("conv4_backbone", "ContextMLP", "FiLMConv4"),
+}
+_WHERE = {name: package for package, names in _MOVED.items() for name in names}
 
-# Last: metric_learning builds on the names above.
-from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, conv4_backbone, head_logits  # noqa: E402
-from metaloop.lightning.reptile import ReptileModule  # noqa: E402
-from metaloop.lightning.cavia import CaviaModule, ContextMLP, FiLMConv4  # noqa: E402
 
-__all__ = [
-    "MetaDataModule",
-    "MetaLightningModule",
-    "MAMLPlusPlus",
-    "PerStep",
-    "msl_weights",
-    "AdaptedModel",
-    "FunctionalModel",
-    "Objective",
-    "Classification",
-    "Regression",
-    "Learned",
-    "Shared",
-    "PerLayer",
-    "PerTensor",
-    "PerElement",
-    "MeanWithConfidence",
-    "Conv4",
-    "MLP",
-    "load_run",
-    "load_tasks",
-    "checkpoint_config",
-    "PrototypicalModule",
-    "FewShotHead",
-    "head_logits",
-    "conv4_backbone",
-    "ReptileModule",
-    "CaviaModule",
-    "ContextMLP",
-    "FiLMConv4",
-]
+def __getattr__(name: str) -> Any:
+    if name == "FunctionalModel":  # the name of AdaptedModel before 0.2
+        name = "AdaptedModel"
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'metaloop.lightning' has no attribute {name!r}")
+
+
+__all__ = ["MetaDataModule", "MeanWithConfidence", "load_run", "load_tasks", "checkpoint_config", *_WHERE]

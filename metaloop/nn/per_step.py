@@ -43,6 +43,9 @@ class PerStepBatchNorm2d(nn.Module):
         ValueError: for ``steps < 1``, ``num_features < 1`` or another ``eval_stats``.
     """
 
+    #: meta-learned (per inner step with ``per_step_weights``), never adapted by an inner loop
+    inner_frozen = True
+
     def __init__(
         self,
         num_features: int,

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, Union
 
 import torch
 from torch import Tensor
 
 from metaloop.optim.loop import WeightsLoss, inner_loop
 from metaloop.optim.rules import HParams, Rule
+from metaloop.typed import AtLeast, Hint, check_fields
 
 __all__ = [
     "ImplicitOptions",
@@ -44,7 +45,7 @@ Vector = list[Tensor]
 MatVec = Callable[[Vector], Vector]
 LinearSolver = Callable[..., Vector]  # solve(matvec, b, *, maxiter, tol) -> x with matvec(x) ~= b
 OptimalityFn = Callable[..., Mapping[str, Tensor]]  # optimality_fn(solution, meta, *args) -> residual by name
-Solve = Union[str, LinearSolver]
+Solve = Union[Literal["cg", "neumann"], LinearSolver]
 
 
 # -- linear solvers -----------------------------------------------------------------------
@@ -136,14 +137,13 @@ class ImplicitOptions:
         ValueError: for ``lam <= 0``, an unknown solver, ``maxiter < 1`` or ``tol < 0``.
     """
 
-    lam: float = 1.0
+    lam: Annotated[float, AtLeast(1e-12), Hint("the proximal regulariser's weight, > 0")] = 1.0
     solver: Solve = "cg"
-    maxiter: int = 10
-    tol: float = 1e-10
+    maxiter: Annotated[int, AtLeast(1), Hint("the most Hessian-vector products per task and meta-step")] = 10
+    tol: Annotated[float, AtLeast(0), Hint("the solver's relative residual tolerance")] = 1e-10
 
     def __post_init__(self) -> None:
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam > 0:
-            raise ValueError(f"lam={self.lam!r} must be a number > 0 (the proximal regulariser's strength, e.g. 1.0)")
+        check_fields(self)
         _linear_solver(self.solver, self.maxiter, self.tol)
 
 

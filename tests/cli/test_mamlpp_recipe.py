@@ -38,11 +38,11 @@ def test_the_recipe_turns_on_all_five_components():
 
 
 @pytest.mark.parametrize("override,check", [
-    ("mamlpp.lslr=false", lambda m: len(m.learned) == 0),
-    ("mamlpp.msl=false", lambda m: m.loss_weights() == [0.0, 1.0]),
+    ("module.lslr=false", lambda m: len(m.learned) == 0),
+    ("module.msl=false", lambda m: m.loss_weights() == [0.0, 1.0]),
     ("model.per_step_weights=false", lambda m: m.model.blocks[0]["norm"].weight.shape == (8,)),
     ("model.per_step_stats=false", lambda m: not list(m.model.buffers())),
-    ("mamlpp.first_order_steps=0", lambda m: not m.is_first_order()),
+    ("module.first_order_steps=0", lambda m: not m.is_first_order()),
     ("~scheduler", lambda m: m.scheduler is None),
 ])
 def test_each_component_is_one_override_away(override, check):
@@ -50,9 +50,9 @@ def test_each_component_is_one_override_away(override, check):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("mamlpp.msl=maybe", "mamlpp.msl='maybe' is not accepted"),
-    ("mamlpp.msl_anneal_steps=-5", "mamlpp.msl_anneal_steps=-5 is not accepted"),
-    ("mamlpp.first_order_steps=1.5", "mamlpp.first_order_steps=1.5 is not accepted"),
+    ("module.msl=maybe", "module.msl='maybe' is not accepted"),
+    ("module.msl_anneal_steps=-5", "module.msl_anneal_steps=-5 is not accepted"),
+    ("module.first_order_steps=1.5", "module.first_order_steps=1.5 is not accepted"),
     ("model.eval_stats=mean", "model.eval_stats='mean' is not accepted (not one of the choices); use one of running, batch"),
     ("model.per_step_stats=1", "model.per_step_stats=1 is not accepted"),
 ])

@@ -33,7 +33,7 @@ def test_meta_grad_keys_build_a_module_that_adapts(overrides, mode, truncate, im
     module = module_from(overrides)
     assert (module.meta_grad, module.truncate, module.implicit) == (mode, truncate, implicit)
     x, y = torch.linspace(-3, 3, 10)[:, None], torch.sin(torch.linspace(-3, 3, 10))[:, None]
-    loss = module.outer_loss(module.adapt((x, y), steps=module.inner_steps, create_graph=True), (x, y))
+    loss = module.outer_loss(module.adapt((x, y), steps=module.inner.steps, create_graph=True), (x, y))
     grads = torch.autograd.grad(loss, list(module.model.parameters()))
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 

@@ -9,6 +9,7 @@ import lightning
 import pytest
 import torch
 
+from metaloop.algorithms import InnerOptions
 from metaloop.cli.report import LearningCurve, MetaStepProgressBar, clock, print_summary, remaining_seconds
 from metaloop.lightning import MLP, MetaDataModule, MetaLightningModule, Regression
 from metaloop.tasks import SinusoidTasks
@@ -16,8 +17,7 @@ from metaloop.tasks import SinusoidTasks
 
 def test_the_learning_curve_holds_every_step_and_each_validation(tmp_path, capsys):
     torch.manual_seed(0)
-    module = MetaLightningModule(MLP([1, 8, 1]), Regression(), functools.partial(torch.optim.SGD, lr=0.01),
-                                 functools.partial(torch.optim.Adam, lr=1e-3))
+    module = MetaLightningModule(MLP([1, 8, 1]), Regression(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.01), functools.partial(torch.optim.Adam, lr=1e-3))
     datamodule = MetaDataModule(SinusoidTasks(5, 5), meta_batch_size=2, eval_meta_batch_size=4, num_val_tasks=4, num_test_tasks=4)
     curve = LearningCurve(tmp_path / "curve.png")
     logged = []
@@ -60,8 +60,7 @@ def test_nothing_to_plot_writes_nothing(tmp_path):
 @pytest.mark.parametrize("limit", ["max_steps", "max_time"])
 def test_progress_bar_shows_when_the_run_ends(limit):
     """``ends in``: from the meta-step rate and trainer.max_steps, or trainer.max_time's remainder, whichever is sooner."""
-    module = MetaLightningModule(MLP([1, 8, 1]), Regression(), functools.partial(torch.optim.SGD, lr=0.01),
-                                 functools.partial(torch.optim.Adam, lr=1e-3))
+    module = MetaLightningModule(MLP([1, 8, 1]), Regression(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.01), functools.partial(torch.optim.Adam, lr=1e-3))
     datamodule = MetaDataModule(SinusoidTasks(5, 5), meta_batch_size=2, num_val_tasks=0, num_test_tasks=0)
     bar = MetaStepProgressBar(min_interval=0.0)
     shown: list[str] = []

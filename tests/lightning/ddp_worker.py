@@ -14,6 +14,7 @@ import sys
 import lightning
 import torch
 
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import MLP, MetaDataModule, MetaLightningModule, PerElement, Regression, Shared
 from metaloop.tasks import SinusoidTasks, Task, sample_meta_batch
 
@@ -37,15 +38,7 @@ def build(case: str) -> MetaLightningModule:
         inner = functools.partial(TransformOptimizer, transform=MetaCurvatureTransform, lr=0.05)
     else:
         inner = functools.partial(torch.optim.SGD, lr=0.05)
-    return MetaLightningModule(
-        MLP([1, 8, 8, 1]),
-        Regression(),
-        inner,
-        functools.partial(torch.optim.SGD, lr=0.1),
-        inner_steps=2,
-        learnable=options["learnable"],
-        batch_tasks=options["batch_tasks"],
-    )
+    return MetaLightningModule(MLP([1, 8, 8, 1]), Regression(), InnerOptions(steps=2, batch_tasks=options["batch_tasks"]), inner, functools.partial(torch.optim.SGD, lr=0.1), learnable=options["learnable"])
 
 
 def tasks() -> SinusoidTasks:

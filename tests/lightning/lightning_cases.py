@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from learner_options import with_inner
 from metaloop.lightning import MLP, Classification, Conv4, MetaLightningModule, Regression
 from metaloop.tasks import EpisodeSampler, SinusoidTasks, Task, sample_meta_batch
 
@@ -16,7 +17,7 @@ def sinusoid_module(**kwargs) -> MetaLightningModule:
     options = {"inner_optim": functools.partial(torch.optim.SGD, lr=0.05), "outer_optim": functools.partial(torch.optim.SGD, lr=0.1)}
     options.update(kwargs)
     model = options.pop("model", None) or MLP([1, 8, 8, 1])
-    return MetaLightningModule(model, options.pop("objective", Regression()), **options)
+    return MetaLightningModule(model, options.pop("objective", Regression()), **with_inner(options))
 
 
 def sinusoid_batch(tasks: int = 4, k: int = 5) -> Task:
@@ -44,4 +45,4 @@ def conv_module(n_ways: int = 5, **kwargs) -> MetaLightningModule:
     torch.manual_seed(0)
     options = {"inner_optim": functools.partial(torch.optim.SGD, lr=0.4), "outer_optim": functools.partial(torch.optim.Adam, lr=1e-3)}
     options.update(kwargs)
-    return MetaLightningModule(Conv4(n_ways, hidden=8, image_size=16), Classification(), **options)
+    return MetaLightningModule(Conv4(n_ways, hidden=8, image_size=16), Classification(), **with_inner(options))

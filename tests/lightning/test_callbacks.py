@@ -10,6 +10,7 @@ import lightning
 import pytest
 import torch
 
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import MLP, MetaDataModule, MetaLightningModule, Regression
 from metaloop.lightning.callbacks import MetaStepTimer, NonFiniteError, StopOnNonFinite
 from metaloop.tasks import SinusoidTasks
@@ -32,8 +33,7 @@ def test_the_guard_stops_exactly_on_a_nan_or_infinite_gradient(bad):
 
 def test_the_timer_counts_meta_steps_after_the_first_and_leaves_validation_out(tmp_path):
     torch.manual_seed(0)
-    module = MetaLightningModule(MLP(), Regression(), functools.partial(torch.optim.SGD, lr=0.01),
-                                 functools.partial(torch.optim.Adam, lr=1e-3))
+    module = MetaLightningModule(MLP(), Regression(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.01), functools.partial(torch.optim.Adam, lr=1e-3))
     data = MetaDataModule(SinusoidTasks(), meta_batch_size=2, eval_meta_batch_size=2, num_val_tasks=2, num_test_tasks=0)
     timer = MetaStepTimer()
     assert math.isnan(timer.rate)

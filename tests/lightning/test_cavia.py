@@ -12,6 +12,8 @@ from lightning_cases import TinyImages, sinusoid_batch
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
+from learner_options import with_inner
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import MLP, CaviaModule, Classification, ContextMLP, Conv4, FiLMConv4, MetaDataModule, Regression
 from metaloop.tasks import EpisodeSampler, Task
 
@@ -26,7 +28,7 @@ def cavia_module(**kwargs) -> CaviaModule:
         "outer_optim": functools.partial(torch.optim.Adam, lr=1e-2),
     }
     options.update(kwargs)
-    return CaviaModule(options.pop("model", None) or ContextMLP([1, 8, 8, 1], context_size=3), Regression(), **options)
+    return CaviaModule(options.pop("model", None) or ContextMLP([1, 8, 8, 1], context_size=3), Regression(), **with_inner(options))
 
 
 def fit(module: CaviaModule, batches: list[Task]) -> CaviaModule:
@@ -127,9 +129,7 @@ def test_film_conv4_is_conv4_at_the_zero_context_and_the_context_modulates_it():
 
 def test_cavia_on_images_trains_with_film_and_keeps_the_head_fixed_in_the_inner_loop():
     torch.manual_seed(0)
-    module = CaviaModule(FiLMConv4(5, context_size=6, hidden=8, image_size=16), Classification(),
-                         functools.partial(torch.optim.SGD, lr=1.0), functools.partial(torch.optim.Adam, lr=1e-3),
-                         inner_steps=2)
+    module = CaviaModule(FiLMConv4(5, context_size=6, hidden=8, image_size=16), Classification(), InnerOptions(steps=2), functools.partial(torch.optim.SGD, lr=1.0), functools.partial(torch.optim.Adam, lr=1e-3))
     assert module.head == "head" and module.adapted_names == ["context"]
     task = EpisodeSampler(TinyImages(), n_ways=5, k_shots=1, k_queries=2)("train", torch.Generator().manual_seed(0))
     adapted = module.adapt((task.support_x.float() / 255, task.support_y))
@@ -140,7 +140,7 @@ def test_cavia_on_images_trains_with_film_and_keeps_the_head_fixed_in_the_inner_
 def test_bad_models_and_options_are_refused():
     sgd = functools.partial(torch.optim.SGD, lr=LR)
     with pytest.raises(ValueError, match="matches none of the model's parameters.*model=context_mlp"):
-        CaviaModule(MLP([1, 8, 1]), Regression(), sgd, sgd)
+        CaviaModule(MLP([1, 8, 1]), Regression(), InnerOptions(), sgd, sgd)
     with pytest.raises(ValueError, match="selects the head 'head'"):
         cavia_module(adapt_params="context|head")
     with pytest.raises(ValueError, match="film_block=5 is not a block of Conv4"):

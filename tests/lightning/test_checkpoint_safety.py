@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from learner_options import with_inner
 from metaloop.lightning import MLP, MetaLightningModule, Regression
 from metaloop.lightning.checkpoint import (
     MAX_DOWNLOAD_ENV, CheckpointError, CheckpointSaveError, SafeCheckpointIO, load_checkpoint, max_download_bytes,
@@ -113,7 +114,7 @@ def test_lightnings_loader_given_a_url_is_bounded_too_and_keeps_no_copy(http_fol
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # where torch.hub would keep its copy
     arguments = {"model": MLP([1, 8, 1]), "objective": Regression(), "inner_optim": functools.partial(torch.optim.SGD, lr=0.1),
                  "outer_optim": functools.partial(torch.optim.Adam, lr=0.01)}
-    trained = MetaLightningModule(**arguments)
+    trained = MetaLightningModule(**with_inner(arguments))
     torch.save({"state_dict": trained.state_dict(), "pytorch-lightning_version": lightning.__version__}, http_folder.root / "m.ckpt")
     monkeypatch.setenv(MAX_DOWNLOAD_ENV, "100")
     with pytest.raises(CheckpointError, match="is larger than the download limit of 100 bytes"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaloop.lightning import PerElement, PerLayer, PerTensor, Shared
-from metaloop.lightning.learned import is_number_or_tuple
+from metaloop.algorithms.learned import is_number_or_tuple
 
 NAMES = ["body.0.weight", "body.0.bias", "head.weight"]
 

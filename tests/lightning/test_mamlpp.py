@@ -13,6 +13,8 @@ from lightning_cases import image_tasks, sinusoid_batch
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
+from learner_options import with_inner
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import MLP, Classification, MAMLPlusPlus, MetaDataModule, PerLayer, Regression, msl_weights
 from metaloop.nn import PerStepConv4
 from metaloop.tasks import Task
@@ -41,7 +43,7 @@ def sinusoid_mamlpp(**kwargs) -> MAMLPlusPlus:
         inner_steps=STEPS, msl_anneal_steps=10, first_order_steps=0,
     )
     options.update(kwargs)
-    return MAMLPlusPlus(options.pop("model", None) or MLP([1, 8, 8, 1]), Regression(), **options)
+    return MAMLPlusPlus(options.pop("model", None) or MLP([1, 8, 8, 1]), Regression(), **with_inner(options))
 
 
 def conv_mamlpp(**kwargs) -> MAMLPlusPlus:
@@ -54,7 +56,7 @@ def conv_mamlpp(**kwargs) -> MAMLPlusPlus:
     )
     options.update(kwargs)
     model = PerStepConv4(5, steps=options["inner_steps"], hidden=8, image_size=16, **model_options)
-    return MAMLPlusPlus(model, Classification(), **options)
+    return MAMLPlusPlus(model, Classification(), **with_inner(options))
 
 
 def distinct_rates(module: MAMLPlusPlus) -> None:
@@ -227,8 +229,8 @@ def recorded_conv_mamlpp(**kwargs) -> MAMLPlusPlus:
     torch.manual_seed(0)
     return MAMLPlusPlus(
         RecordedSteps(5, steps=STEPS, hidden=8, image_size=16), Classification(),
-        functools.partial(torch.optim.SGD, lr=0.4), functools.partial(torch.optim.Adam, lr=1e-3),
-        inner_steps=STEPS, msl_anneal_steps=10, first_order_steps=0, **kwargs,
+        inner_optim=functools.partial(torch.optim.SGD, lr=0.4), outer_optim=functools.partial(torch.optim.Adam, lr=1e-3),
+        msl_anneal_steps=10, first_order_steps=0, **with_inner({"inner_steps": STEPS, **kwargs}),
     )
 
 
@@ -289,19 +291,19 @@ def test_per_step_batchnorm_parameters_are_meta_learned_not_adapted():
 def test_a_head_resized_for_more_ways_keeps_one_rate_per_step():
     # inner_steps equals the trained ways: a row of rates has the shape of the head's bias
     module = conv_mamlpp(inner_steps=5)
-    _, hparams = module._initial_weights(7)
+    _, hparams = module.initial_weights(7)
     assert hparams["head.bias"]["lr"] is module.learned["lr/head"]
     task = image_tasks(7)("val", torch.Generator().manual_seed(0))
     assert module.adapt((task.support_x, task.support_y), n_ways=7)(task.query_x).shape == (14, 7)
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"inner_steps": 0}, "inner_steps=0"),
+    ({"inner_steps": 0}, "inner.steps=0: MAML\\+\\+ needs at least one inner step"),
     ({"msl_anneal_steps": -1}, "msl_anneal_steps=-1"),
     ({"first_order_steps": 2.5}, "first_order_steps=2.5"),
     ({"learnable": {"lr": PerLayer()}}, "learnable also names 'lr'"),
     ({"batch_tasks": "vmap"}, r"batch_tasks='vmap' cannot adapt this model: it has buffers \(blocks.0.norm.running_mean"),
-    ({"adapt_params": r"\.norm\."}, "only per-step BatchNorm"),
+    ({"adapt_params": r"\.norm\."}, "parameters of layers that never adapt"),
     ({"meta_grad": "implicit"}, "meta_grad='implicit': MAML\\+\\+ unrolls"),
     ({"truncate": 2}, "truncate=2 applies only with meta_grad='truncated'"),
 ])
@@ -309,9 +311,8 @@ def test_constructor_errors_name_the_value_and_the_fix(kwargs, message):
     build = sinusoid_mamlpp if "inner_steps" in kwargs else conv_mamlpp  # (PerStepConv4 refuses 0 steps itself)
     with pytest.raises(ValueError, match=message):
         build(**kwargs)
-    with pytest.raises(ValueError, match="steps=4 but inner_steps=3"):
-        MAMLPlusPlus(PerStepConv4(5, steps=4, hidden=8, image_size=16), Classification(),
-                     functools.partial(torch.optim.SGD, lr=0.4), functools.partial(torch.optim.Adam, lr=1e-3), inner_steps=3)
+    with pytest.raises(ValueError, match="steps=4 but inner.steps=3"):
+        MAMLPlusPlus(PerStepConv4(5, steps=4, hidden=8, image_size=16), Classification(), InnerOptions(steps=3), functools.partial(torch.optim.SGD, lr=0.4), functools.partial(torch.optim.Adam, lr=1e-3))
 
 
 # -- fit, validate, test, checkpoints, precision ---------------------------------------------
@@ -337,7 +338,7 @@ def module_arguments() -> dict:
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fit_validate_test_and_a_checkpoint_round_trip(tmp_path, precision):
     torch.manual_seed(0)
-    module = MAMLPlusPlus(**module_arguments())
+    module = MAMLPlusPlus(**with_inner(module_arguments()))
     data = MetaDataModule(image_tasks(), meta_batch_size=2, eval_meta_batch_size=3, num_val_tasks=3, num_test_tasks=3)
     fitting = trainer(3, precision=precision, val_check_interval=3, default_root_dir=tmp_path)
     fitting.fit(module, datamodule=data)
@@ -351,7 +352,7 @@ def test_fit_validate_test_and_a_checkpoint_round_trip(tmp_path, precision):
     path = tmp_path / "mamlpp.ckpt"
     fitting.save_checkpoint(path)
     torch.manual_seed(1)
-    loaded = MAMLPlusPlus.load_from_checkpoint(path, **module_arguments())
+    loaded = MAMLPlusPlus.load_from_checkpoint(path, **with_inner(module_arguments()))
     for key, value in module.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert any("running_mean" in key for key in loaded.state_dict())

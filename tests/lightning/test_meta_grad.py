@@ -89,7 +89,7 @@ def test_implicit_meta_gradient_equals_the_implicit_function_theorem(float64):
     for name, value in phi.items():
         torch.testing.assert_close(adapted.weights[name], value.detach(), rtol=1e-10, atol=1e-12)
 
-    loss, _ = module._task_loss(*batch, batched=False)
+    loss, _ = module.task_loss(*batch, batched=False)
     grads = torch.autograd.grad(loss, list(module.model.parameters()))
 
     names, shapes = list(phi), [p.shape for p in phi.values()]
@@ -122,17 +122,17 @@ def test_implicit_vmap_and_sequential_meta_steps_agree():
         assert not torch.equal(value, start[key]), f"{key} must train"
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(meta_grad="bptt"), "meta_grad='bptt' is not one of \\('unrolled', 'truncated', 'implicit'\\)"),
+    (dict(meta_grad="bptt"), "meta_grad='bptt' is not accepted \\(not one of the choices\\); use one of unrolled, truncated, implicit"),
     (dict(meta_grad="truncated"), "meta_grad='truncated' needs truncate=k"),
     (dict(meta_grad="truncated", truncate=4, inner_steps=3), "truncate=4 must be an int in 0..steps=3"),
-    (dict(meta_grad="truncated", truncate=0, inner_steps=3), "truncate=0 backpropagates through no inner step"),
+    (dict(meta_grad="truncated", truncate=0, inner_steps=3), "truncate=0 is not accepted \\(it is below 1\\)"),
     (dict(truncate=2, inner_steps=3), "truncate=2 applies only with meta_grad='truncated'"),
     (dict(meta_grad="truncated", truncate=1, first_order=True), "first_order=True drops"),
     (dict(meta_grad="implicit", first_order=True), "first_order=True drops"),
     (dict(meta_grad="implicit", learnable={"lr": PerElement()}), "meta_grad='implicit' gives learned inner"),
     (dict(meta_grad="implicit", adapt_params="^head\\."), "meta_grad='implicit' adapts all parameters"),
-    (dict(meta_grad="implicit", implicit={"lam": 0.0}), "lam=0.0 must be a number > 0"),
-    (dict(meta_grad="implicit", implicit={"solver": "lu"}), "solver='lu' is not one of"),
+    (dict(meta_grad="implicit", implicit={"lam": 0.0}), "lam=0.0 is not accepted \\(it is below 1e-12\\)"),
+    (dict(meta_grad="implicit", implicit={"solver": "lu"}), "solver='lu' is not accepted \\(not one of the choices\\); use one of cg, neumann"),
 ])
 def test_bad_meta_grad_options_raise_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import metaloop
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import (
     MLP,
     Classification,
@@ -154,7 +155,7 @@ def test_custom_inner_loss_hook_is_used_in_adaptation_and_training():
             return 0.0 * super().inner_loss(fmodel, support)
 
     torch.manual_seed(0)
-    module = NoInnerLoss(MLP([1, 8, 1]), Regression(), functools.partial(torch.optim.SGD, lr=0.5),
+    module = NoInnerLoss(MLP([1, 8, 1]), Regression(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.5),
                          functools.partial(torch.optim.SGD, lr=0.1))
     batch = sinusoid_batch(3)
     fmodel = module.adapt((batch.support_x[0], batch.support_y[0]), steps=2)
@@ -259,7 +260,7 @@ def test_evaluation_with_more_ways_than_the_head_starts_from_a_zero_head():
 def test_a_new_head_uses_the_mean_of_the_learned_per_element_rates():
     module = conv_module(n_ways=5, learnable={"lr": PerElement()})
     perturb_learned(module)
-    _, hparams = module._initial_weights(7)
+    _, hparams = module.initial_weights(7)
     learned = module.learned["lr/head/weight"].detach()
     torch.testing.assert_close(hparams["head.weight"]["lr"], learned.mean(0, keepdim=True).expand(7, -1))
     assert hparams["head.weight"]["lr"].shape == (7, 8)
@@ -267,20 +268,20 @@ def test_a_new_head_uses_the_mean_of_the_learned_per_element_rates():
 
 def test_new_head_errors():
     with pytest.raises(ValueError, match=r"n_ways=7 differs from the head's 5 outputs, but the head 'head' does not adapt"):
-        conv_module(adapt_params="features")._initial_weights(7)
+        conv_module(adapt_params="features").initial_weights(7)
     from metaloop.transforms import MetaCurvatureTransform, TransformOptimizer
 
     module = conv_module(inner_optim=functools.partial(TransformOptimizer, transform=MetaCurvatureTransform))
     with pytest.raises(ValueError, match="learned transforms of the head are sized for 5"):
-        module._initial_weights(7)
+        module.initial_weights(7)
 
 
 # -- construction errors -----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,message", [
     ({"learnable": {"betas": Shared()}}, r"learnable names 'betas', which is not a hyperparameter of the inner optimizer"),
-    ({"adapt_params": "^classifier"}, r"adapt_params='\^classifier' matches none of the model's parameters"),
-    ({"inner_steps": -1}, r"inner_steps=-1 must be >= 0"),
-    ({"batch_tasks": "parallel"}, r"batch_tasks='parallel' is not one of"),
+    ({"adapt_params": "^classifier"}, r"params='\^classifier' matches none of the model's adaptable parameters"),
+    ({"inner_steps": -1}, r"steps=-1 is not accepted \(it is below 0\); use a whole number >= 0"),
+    ({"batch_tasks": "parallel"}, r"batch_tasks='parallel' is not accepted \(not one of the choices\); use one of auto, vmap, sequential"),
     ({"head": "features"}, r"head='features' is not an nn.Linear of the model"),
 ])
 def test_constructor_errors_name_the_value(kwargs, message):
@@ -306,7 +307,7 @@ def test_check_task_rejects_models_and_objectives_that_do_not_fit():
     image_task = Task(*(field[0] for field in images))
     sine = sinusoid_batch(1)
     sine_task = Task(*(field[0] for field in sine))
-    with pytest.raises(ValueError, match=r"MLP cannot run on the task's support inputs of shape \(5, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"MLP cannot run on the task's inputs of shape \(5, 1, 16, 16\)"):
         sinusoid_module().check_task(image_task)
     with pytest.raises(ValueError, match=r"the task's labels are floats .* a regression task"):
         sinusoid_module(model=MLP([1, 8, 5]), objective=Classification()).check_task(sine_task)
@@ -331,5 +332,5 @@ def test_training_metrics_reuse_the_query_forward_of_the_loss():
     module.model.forward = counting
     batch = sinusoid_batch(2, k=5)
     loss, metrics = module.meta_gradient(batch)
-    assert len(calls) == 2 * (module.inner_steps + 1)  # per task: one forward per inner step, one of the query set
+    assert len(calls) == 2 * (module.inner.steps + 1)  # per task: one forward per inner step, one of the query set
     torch.testing.assert_close(metrics["loss"], loss)

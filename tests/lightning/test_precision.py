@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import (
     MLP,
     Classification,
@@ -126,7 +127,7 @@ def test_bf16_meta_gradient_matches_float32(case):
     """
     make_model, objective, inner_optim, steps, batch_tasks, tasks = CASES[case]
     torch.manual_seed(0)
-    module = MetaLightningModule(make_model(), objective, inner_optim, ADAM, inner_steps=steps, batch_tasks=batch_tasks)
+    module = MetaLightningModule(make_model(), objective, InnerOptions(steps=steps, batch_tasks=batch_tasks), inner_optim, ADAM)
     batch, other = tasks(seed=0), tasks(seed=1)
     exact, mixed = meta_gradient(module, batch, False), meta_gradient(module, batch, True)
     cosine, relative = _cosine_and_relative_error(mixed, exact)
@@ -140,8 +141,7 @@ def test_bf16_meta_gradient_matches_float32(case):
 def test_inner_update_state_and_learned_rates_stay_float32_under_bf16_autocast():
     """Fast weights, Adam's moments and a learned per-layer learning rate are float32 after inner steps under autocast."""
     torch.manual_seed(0)
-    module = MetaLightningModule(Conv4(5, hidden=8), Classification(), functools.partial(torch.optim.Adam, lr=0.01), ADAM,
-                                 inner_steps=2, learnable={"lr": PerLayer()}, batch_tasks="sequential")
+    module = MetaLightningModule(Conv4(5, hidden=8), Classification(), InnerOptions(steps=2, batch_tasks="sequential"), functools.partial(torch.optim.Adam, lr=0.01), ADAM, learnable={"lr": PerLayer()})
     task = omniglot_tasks(1)
     with torch.autocast("cpu", torch.bfloat16):
         fmodel = module.adapt((task.support_x[0], task.support_y[0]), 2, create_graph=True)
@@ -207,7 +207,7 @@ def test_bf16_fast_reads_the_cpu_capability_torch_reports(monkeypatch):
 
 def test_a_trainer_with_16_bit_weights_is_refused_in_setup(tmp_path):
     torch.manual_seed(0)
-    module = MetaLightningModule(MLP(), Regression(), functools.partial(torch.optim.SGD, lr=0.01), ADAM)
+    module = MetaLightningModule(MLP(), Regression(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.01), ADAM)
     data = MetaDataModule(SinusoidTasks(), meta_batch_size=2, num_val_tasks=0, num_test_tasks=0)
     trainer = lightning.Trainer(accelerator="cpu", precision="bf16-true", max_steps=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
@@ -233,10 +233,10 @@ def _image_tasks(split: str, gen: torch.Generator) -> tuple[Tensor, Tensor, Tens
 def test_every_module_fits_and_validates_under_bf16_mixed_with_float32_weights(kind, tmp_path):
     torch.manual_seed(0)
     if kind == "maml sinusoid":
-        module: lightning.LightningModule = MetaLightningModule(MLP(), Regression(), functools.partial(torch.optim.SGD, lr=0.01), ADAM, inner_steps=2)
+        module: lightning.LightningModule = MetaLightningModule(MLP(), Regression(), InnerOptions(steps=2), functools.partial(torch.optim.SGD, lr=0.01), ADAM)
         source = SinusoidTasks()
     elif kind == "maml conv4":
-        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), functools.partial(torch.optim.SGD, lr=0.4), ADAM)
+        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.4), ADAM)
         source = _image_tasks
     else:
         head = PrototypicalClassifier() if kind == "prototypical" else SVClassifier(C_reg=0.1, max_iters=5)
@@ -277,7 +277,7 @@ def test_auto_memory_format_by_device_model_and_precision(fast_cpu, monkeypatch)
     with pytest.raises(ValueError, match="memory_format='nhwc' is not one of auto, channels_last, contiguous"):
         resolve_memory_format("nhwc", conv, "cpu", "32-true")
     with pytest.raises(ValueError, match="memory_format='nhwc' is not one of"):
-        MetaLightningModule(conv, Classification(), functools.partial(torch.optim.SGD, lr=0.4), ADAM, memory_format="nhwc")
+        MetaLightningModule(conv, Classification(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.4), ADAM, memory_format="nhwc")
 
 
 @pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.Adam])
@@ -289,8 +289,7 @@ def test_channels_last_is_kept_through_inner_steps_and_gives_the_same_meta_gradi
     grads, modules = {}, {}
     for fmt in ("contiguous", "channels_last"):
         torch.manual_seed(0)
-        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), functools.partial(inner, lr=0.1), ADAM,
-                                     inner_steps=3, first_order=first_order, batch_tasks=batch_tasks, memory_format=fmt).double()
+        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), InnerOptions(steps=3, first_order=first_order, batch_tasks=batch_tasks), functools.partial(inner, lr=0.1), ADAM, memory_format=fmt).double()
         batch = Task(*(f.double() if f.is_floating_point() else f for f in omniglot_tasks(2)))
         module.meta_gradient(batch)
         grads[fmt] = torch.cat([p.grad.flatten() for p in module.parameters()])
@@ -309,8 +308,7 @@ def test_vmap_over_batchnorm_under_bf16_mixed_fits_and_auto_follows_the_table(tm
     data = MetaDataModule(_image_tasks, meta_batch_size=2, num_val_tasks=0, num_test_tasks=0)
     for batch_tasks in ("vmap", "auto"):
         torch.manual_seed(0)
-        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), functools.partial(torch.optim.SGD, lr=0.4), ADAM,
-                                     batch_tasks=batch_tasks)
+        module = MetaLightningModule(Conv4(5, hidden=8), Classification(), InnerOptions(batch_tasks=batch_tasks), functools.partial(torch.optim.SGD, lr=0.4), ADAM)
         trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False,
                                     enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
         trainer.fit(module, datamodule=data)
@@ -327,11 +325,10 @@ def test_auto_batching_follows_the_table_for_each_device_and_stays_exact(device_
 
     Conv nets go task by task on CPUs and are vmapped on CUDA (``AUTO_BATCHING``), second order and bf16-mixed included.
     """
-    from metaloop.lightning.module import AUTO_BATCHING
+    from metaloop.algorithms.inner import AUTO_BATCHING
 
     net = Conv4(5, hidden=8) if model == "conv4" else MLP()
-    module = MetaLightningModule(net, Classification() if model == "conv4" else Regression(),
-                                 functools.partial(torch.optim.SGD, lr=0.1), ADAM, first_order=first_order)
+    module = MetaLightningModule(net, Classification() if model == "conv4" else Regression(), InnerOptions(first_order=first_order), functools.partial(torch.optim.SGD, lr=0.1), ADAM)
     batched = module._choose_batching("auto", device_type, precision)
     kind = "conv" if model == "conv4" else "other"
     # vmap is exact for all of them (plain-operation BatchNorm under vmap, metaloop.nn.exact_norms): the table decides

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from lightning_cases import sinusoid_batch
 from torch.utils.data import DataLoader
 
+from learner_options import with_inner
 from metaloop.lightning import MLP, PerElement, Regression, ReptileModule
-from metaloop.lightning.reptile import mini_batches
+from metaloop.algorithms.reptile import mini_batches
 from metaloop.tasks import Task
 from metaloop.transforms import MetaCurvatureTransform, TransformOptimizer
 
@@ -29,7 +30,7 @@ def reptile_module(**kwargs) -> ReptileModule:
         "inner_steps": STEPS,
     }
     options.update(kwargs)
-    return ReptileModule(options.pop("model", None) or MLP([1, 8, 8, 1]), Regression(), **options)
+    return ReptileModule(options.pop("model", None) or MLP([1, 8, 8, 1]), Regression(), **with_inner(options))
 
 
 def fit(module: ReptileModule, batches: list[Task], callbacks: list[lightning.Callback] = ()) -> ReptileModule:
@@ -129,7 +130,7 @@ def test_the_meta_step_size_anneals_linearly_from_eps_to_zero():
 
 
 def test_options_reptile_cannot_honour_are_refused():
-    with pytest.raises(ValueError, match=r"learnable=\{'lr'.*use learnable=none"):
+    with pytest.raises(ValueError, match=r"learnable=\['lr'\].*use learnable=none"):
         reptile_module(learnable={"lr": PerElement()})
     with pytest.raises(ValueError, match="inner_batch=0 must be a positive whole number"):
         reptile_module(inner_batch=0)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from learner_options import with_inner
+from metaloop.algorithms import InnerOptions
 from metaloop.lightning import Classification, Conv4, MAMLPlusPlus, MetaLightningModule
 from metaloop.nn import PerStepConv4, exact_norms
 from metaloop.nn.plain_norms import batch_norm, instance_norm, layer_norm
@@ -134,7 +136,7 @@ CONV4 = {
 def test_conv4_meta_gradient_vmapped_equals_task_by_task_in_float64(case):
     """Finn et al.'s conv-4 (BatchNorm on batch statistics), 2 inner steps: the vmapped path is exact to 1e-10."""
     options = {"inner_optim": functools.partial(torch.optim.SGD, lr=0.4), "inner_steps": 2, **CONV4[case]}
-    make = functools.partial(lambda **kw: MetaLightningModule(Conv4(5, hidden=8), Classification(), outer_optim=ADAM, **kw), **options)
+    make = functools.partial(lambda **kw: MetaLightningModule(Conv4(5, hidden=8), Classification(), outer_optim=ADAM, **with_inner(kw)), **options)
     (loss_s, grad_s), (loss_v, grad_v) = _meta_gradient(make, "sequential"), _meta_gradient(make, "vmap")
     torch.testing.assert_close(loss_v, loss_s, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_v, grad_s, rtol=0, atol=1e-10 * grad_s.abs().max().item())
@@ -144,23 +146,21 @@ def test_mamlpp_per_step_batchnorm_weights_vmapped_equal_task_by_task_in_float64
     """MAML++ with per-step BatchNorm weights (BNWB) on batch statistics: no buffers, so it vmaps, exactly."""
     def make(batch_tasks: str) -> MAMLPlusPlus:
         model = PerStepConv4(5, steps=2, hidden=8, per_step_weights=True, per_step_stats=False)
-        return MAMLPlusPlus(model, Classification(), functools.partial(torch.optim.SGD, lr=0.4), ADAM, inner_steps=2,
-                            msl_anneal_steps=10, first_order_steps=0, batch_tasks=batch_tasks)
+        return MAMLPlusPlus(model, Classification(), InnerOptions(steps=2, batch_tasks=batch_tasks), functools.partial(torch.optim.SGD, lr=0.4), ADAM, msl_anneal_steps=10, first_order_steps=0)
     (loss_s, grad_s), (loss_v, grad_v) = _meta_gradient(make, "sequential"), _meta_gradient(make, "vmap")
     torch.testing.assert_close(loss_v, loss_s, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_v, grad_s, rtol=0, atol=1e-10 * grad_s.abs().max().item())
 
 
 def test_vmapped_evaluation_equals_task_by_task():
-    make = functools.partial(lambda **kw: MetaLightningModule(Conv4(5, hidden=8), Classification(),
-                                                              functools.partial(torch.optim.SGD, lr=0.4), ADAM, **kw))
+    make = functools.partial(lambda **kw: MetaLightningModule(Conv4(5, hidden=8), Classification(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.4), ADAM, **with_inner(kw)))
     results = {}
     for batch_tasks in ("sequential", "vmap"):
         torch.manual_seed(0)
         module = make(batch_tasks=batch_tasks).double()
         support_x, support_y, query_x, query_y = _omniglot_like()
         results[batch_tasks] = module.adapt((support_x[0], support_y[0]), 2)(query_x[0])
-        chunks = [r for _, r in module._over_tasks(functools.partial(module._evaluate_task, None), _omniglot_like())]
+        chunks = [r for _, r in module.over_tasks(functools.partial(module._evaluate_task, None), _omniglot_like())]
         results[batch_tasks + " eval"] = chunks
     torch.testing.assert_close(results["vmap"], results["sequential"], rtol=0, atol=1e-12)
     for when in (0, 1):  # metrics before and after adaptation, per task

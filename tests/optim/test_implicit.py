@@ -220,11 +220,12 @@ def test_solvers_stop_at_tol():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(lam=0.0), "lam=0.0 must be a number > 0"),
-    (dict(lam=-1), "lam=-1 must be a number > 0"),
-    (dict(solver="lu"), "solver='lu' is not one of \\['cg', 'neumann'\\]"),
-    (dict(maxiter=0), "maxiter=0 must be an int >= 1"),
-    (dict(tol=-1e-3), "tol=-0.001 must be a number >= 0"),
+    (dict(lam=0.0), "lam=0.0 is not accepted \\(it is below 1e-12\\); use a finite number"),
+    (dict(lam=-1), "lam=-1 is not accepted \\(it is below 1e-12\\)"),
+    (dict(lam=True), "lam=True is not accepted \\(not a number\\)"),
+    (dict(solver="lu"), "solver='lu' is not accepted \\(not one of the choices\\); use one of cg, neumann"),
+    (dict(maxiter=0), "maxiter=0 is not accepted \\(it is below 1\\); use a whole number >= 1"),
+    (dict(tol=-1e-3), "tol=-0.001 is not accepted \\(it is below 0\\)"),
 ])
 def test_bad_options_raise_one_clear_error(options, message):
     with pytest.raises(ValueError, match=message):

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from metaloop.compat.learn2learn.algorithms.lightning.lightning_episodic_module import LightningEpisodicModule
 from metaloop.compat.learn2learn.algorithms.lightning.lightning_protonet import LightningPrototypicalNetworks
-from metaloop.lightning.metric_learning import FewShotHead
+from metaloop.algorithms.metric import FewShotHead
 from metaloop.nn.svm import SVClassifier
 
 __all__ = ["LightningMetaOptNet"]

@@ -12,7 +12,7 @@ from metaloop.compat.learn2learn.algorithms.lightning.lightning_episodic_module 
     split_episode,
 )
 from metaloop.compat.learn2learn.utils import accuracy
-from metaloop.lightning.metric_learning import FewShotHead, head_logits
+from metaloop.algorithms.metric import FewShotHead, head_logits
 from metaloop.nn.prototypical import PrototypicalClassifier
 
 __all__ = ["LightningPrototypicalNetworks"]

@@ -13,16 +13,15 @@ back-propagated. Outer SGD with learning rate ``eps`` makes the step the paper's
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from typing import Annotated, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from metaloop.lightning.learned import Learned
-from metaloop.lightning.module import Batch, BatchTasks, MetaGrad, MetaLightningModule, OptimizerFactory, SchedulerFactory
-from metaloop.lightning.objectives import Objective
-from metaloop.lightning.precision import MemoryFormat
+from metaloop.algorithms.base import Batch
+from metaloop.algorithms.maml import MetaLightningModule
 from metaloop.tasks import Task
+from metaloop.typed import AtLeast, Hint, check_arguments
 
 __all__ = ["ReptileModule", "mini_batches"]
 
@@ -42,9 +41,8 @@ class ReptileModule(MetaLightningModule):
     (``train/loss``, ``train/acc`` after adaptation) and no gradient flows from it. Under DDP the Reptile gradient is all-reduced
     like any gradient: it is the gradient of ``sum_i ||theta - phi_i||^2 / (2 tasks)``.
 
-    ``model``, ``objective``, ``inner_optim``, ``outer_optim``, ``scheduler``, ``inner_steps``,
-    ``eval_inner_steps``, ``adapt_params``, ``batch_tasks`` and ``head`` are as for
-    :class:`~metaloop.lightning.MetaLightningModule`.
+    Takes :class:`~metaloop.algorithms.MetaLightningModule`'s arguments (``inner.first_order`` is moot: no
+    graph goes through the inner loop) and its own:
 
     Args:
         inner_batch: examples per inner step in training: mini-batches drawn without replacement
@@ -55,12 +53,9 @@ class ReptileModule(MetaLightningModule):
             on 10 examples per class and test on 1: with ``task.k_shots=1`` and ``task.k_queries=9``
             this gives the training tasks their 10 shots. The logged training metrics are then
             on examples the inner loop has fitted.
-        learnable: accepted so that the configuration's module keys apply to every gradient-based
-            learner; Reptile takes only its neutral value, None.
-        meta_grad: accepted for the same reason; Reptile takes only ``"unrolled"``.
 
     Raises:
-        ValueError: as :class:`~metaloop.lightning.MetaLightningModule` does, and for learned inner
+        ValueError: as :class:`~metaloop.algorithms.MetaLightningModule` does, and for learned inner
             hyperparameters, a ``meta_grad`` other than ``"unrolled"`` or an inner optimizer with
             learned transforms (a :class:`~metaloop.transforms.TransformOptimizer`): Reptile's
             meta-gradient reaches the initial weights only, so those would never train.
@@ -68,54 +63,39 @@ class ReptileModule(MetaLightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
-        objective: Objective,
-        inner_optim: OptimizerFactory,
-        outer_optim: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        inner_steps: int = 5,
-        eval_inner_steps: int | None = None,
-        adapt_params: str | None = None,
-        batch_tasks: BatchTasks = "auto",
-        head: str | None = None,
-        inner_batch: int | None = None,
+        *args: Any,
+        inner_batch: Annotated[int | None, AtLeast(1), Hint("examples per inner step in training")] = None,
         train_on_query: bool = False,
-        learnable: Mapping[str, Learned] | None = None,
-        meta_grad: MetaGrad = "unrolled",
-        memory_format: MemoryFormat = "auto",
+        **kwargs: Any,
     ) -> None:
-        if inner_batch is not None and (isinstance(inner_batch, bool) or not isinstance(inner_batch, int) or inner_batch < 1):
-            raise ValueError(f"inner_batch={inner_batch!r} must be a positive whole number of examples, or None for all of them")
-        # the configuration passes these keys to every gradient-based module: refuse what Reptile cannot honour
-        if learnable:
+        check_arguments(ReptileModule.__init__, inner_batch=inner_batch, train_on_query=train_on_query)
+        super().__init__(*args, **kwargs)
+        # every learner takes the inner options and learnable: refuse what Reptile cannot honour
+        if self._learnable:
             raise ValueError(
-                f"learnable={dict(learnable)!r}: Reptile's meta-gradient reaches only the initial weights, so learned "
-                "inner hyperparameters would never train; use learnable=none"
+                f"learnable={sorted(self._learnable)!r}: Reptile's meta-gradient reaches only the initial weights, so "
+                "learned inner hyperparameters would never train; use learnable=none"
             )
-        if meta_grad != "unrolled":
+        if self.inner.meta_grad != "unrolled":
             raise ValueError(
-                f"meta_grad={meta_grad!r}: Reptile's meta-gradient is theta - mean(phi), with no graph through the inner "
-                "loop; use inner.meta_grad=unrolled (the default)"
+                f"meta_grad={self.inner.meta_grad!r}: Reptile's meta-gradient is theta - mean(phi), with no graph "
+                "through the inner loop; use inner.meta_grad=unrolled (the default)"
             )
-        super().__init__(
-            model, objective, inner_optim, outer_optim, scheduler, inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps, first_order=True, adapt_params=adapt_params, batch_tasks=batch_tasks,
-            head=head, memory_format=memory_format,
-        )
-        self.inner_batch, self.train_on_query = inner_batch, train_on_query
-        self._schedule: Iterator[Tensor] | None = None
         if len(self.inner_modules):
             raise ValueError(
                 f"Reptile's meta-gradient reaches only the initial weights, so the inner optimizer's learned "
                 f"{', '.join(self.inner_modules)} would never train; use a torch.optim inner optimizer (inner_optim=adam)"
             )
+        self.save_hyperparameters("inner_batch", "train_on_query")
+        self.inner_batch, self.train_on_query = inner_batch, train_on_query
 
-    def inner_loss(self, fmodel: Callable[..., Tensor], support: Batch) -> Tensor:
-        """Returns the loss of the inner step on ``support``, or on its next mini-batch while training with ``inner_batch``."""
-        if self._schedule is not None:
-            indices = next(self._schedule)
-            support = (support[0][indices], support[1][indices])
-        return super().inner_loss(fmodel, support)
+    def support_at(self, support: Any, step: int) -> Batch:
+        """Returns the examples of inner step ``step``: ``(x, y)``, or, in training with ``inner_batch``, the mini-batch
+        that row ``step`` of ``batches`` indexes in ``support = (x, y, batches)``."""
+        if len(support) == 3:
+            x, y, batches = support
+            return x[batches[step]], y[batches[step]]
+        return support
 
     def _adapted_weights(
         self, batches: Tensor | None, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
@@ -126,11 +106,8 @@ class ReptileModule(MetaLightningModule):
         ``batches``: the indices of each inner step's mini-batch (:func:`mini_batches`), or None for all examples.
         """
         x, y = (torch.cat([support_x, query_x]), torch.cat([support_y, query_y])) if self.train_on_query else (support_x, support_y)
-        self._schedule = None if batches is None else iter(batches)
-        try:
-            fmodel = self._adapt((x, y), self.inner_steps, n_ways=None, create_graph=False, batched=batched)
-        finally:
-            self._schedule = None
+        support = (x, y) if batches is None else (x, y, batches)
+        fmodel = self.adapt(support, self.inner.steps, batched=batched)
         with torch.no_grad():
             metrics = self.task_metrics(fmodel, (query_x, query_y))
         return {n: fmodel.weights[n] for n in self.adapted_names}, metrics["loss"], metrics
@@ -140,7 +117,7 @@ class ReptileModule(MetaLightningModule):
         Reptile gradient ``theta - mean_i(phi_i)`` to the ``.grad`` of the adapted parameters.
 
         The gradient comes from a backward of ``sum_i ||theta - phi_i||^2 / (2 tasks)`` with ``phi_i``
-        detached (one backward per chunk of tasks, as :meth:`MetaLightningModule.meta_gradient`), so
+        detached (one backward per chunk of tasks, as :meth:`~metaloop.algorithms.MetaLightningModule.meta_gradient`), so
         Lightning's precision plugins and DDP's all-reduce see an ordinary backward.
         """
         tasks = batch.support_x.shape[0]
@@ -151,11 +128,11 @@ class ReptileModule(MetaLightningModule):
             # so that a resumed run draws what an uninterrupted one would
             examples = batch.support_x.shape[1] + (batch.query_x.shape[1] if self.train_on_query else 0)
             generator = torch.Generator().manual_seed(self.global_step)
-            batches = mini_batches(examples, self.inner_batch, self.inner_steps, generator).to(batch.support_x.device)
+            batches = mini_batches(examples, self.inner_batch, self.inner.steps, generator).to(batch.support_x.device)
         losses, per_chunk = [], []
-        for last, (phi, chunk_losses, chunk_metrics) in self._over_tasks(functools.partial(self._adapted_weights, batches), batch):
+        for last, (phi, chunk_losses, chunk_metrics) in self.over_tasks(functools.partial(self._adapted_weights, batches), batch):
             distance = sum(((params[n] - w) ** 2).sum() for n, w in phi.items())
-            self._backward(distance / (2 * tasks), sync=last)
+            self.meta_backward(distance / (2 * tasks), sync=last)
             losses.append(chunk_losses)
             per_chunk.append(chunk_metrics)
         metrics = {k: torch.cat([m[k] for m in per_chunk]).mean() for k in per_chunk[0]}

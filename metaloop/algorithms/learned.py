@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Learned", "Shared", "PerLayer", "PerTensor", "PerElement", "is_number_or_tuple"]
+__all__ = ["Learned", "Shared", "PerLayer", "PerTensor", "PerElement", "PerStep", "is_number_or_tuple"]
 
 
 class Learned(abc.ABC):
@@ -30,6 +30,14 @@ class Learned(abc.ABC):
     def shape(self, param: Tensor) -> tuple[int, ...]:
         """Returns the shape of the value parameter ``param`` uses."""
         return ()
+
+    def elementwise(self) -> bool:
+        """True if the value holds one entry per element of its parameter (resized with a classifier head's rows)."""
+        return False
+
+    def steps(self) -> int | None:
+        """Returns the number of inner steps with a value each (a leading dimension), or None for one value for all steps."""
+        return None
 
 
 class Shared(Learned):
@@ -58,6 +66,35 @@ class PerElement(PerTensor):
 
     def shape(self, param: Tensor) -> tuple[int, ...]:
         return tuple(param.shape)
+
+    def elementwise(self) -> bool:
+        return True
+
+
+class PerStep(Learned):
+    """One learned value per inner step of what ``inner`` learns: a leading dimension of ``steps``.
+
+    MAML++'s LSLR is ``PerStep(PerLayer(), steps)``: one learning rate per layer and inner step. Inner
+    step ``k`` uses row ``min(k, steps - 1)`` (see :meth:`metaloop.algorithms.MetaLightningModule.step_hparams`).
+    """
+
+    def __init__(self, inner: Learned, steps: int) -> None:
+        super().__init__(inner.init)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r}: per-step values need at least one inner step")
+        self.inner, self._steps = inner, steps
+
+    def key(self, name: str) -> str:
+        return self.inner.key(name)
+
+    def shape(self, param: Tensor) -> tuple[int, ...]:
+        return (self._steps, *self.inner.shape(param))
+
+    def elementwise(self) -> bool:
+        return self.inner.elementwise()
+
+    def steps(self) -> int | None:
+        return self._steps
 
 
 def is_number_or_tuple(value: Any) -> bool:

@@ -1,0 +1,216 @@
+"""The parts of a gradient-based learner's inner loop, read once at construction: pure functions of the model and options.
+
+Which parameters adapt (:func:`select_adapted`), which layer is the classifier head (:func:`find_head`),
+the inner optimizer's rule and per-parameter hyperparameters (:func:`read_inner_optimizer`), learned
+hyperparameters (:func:`learned_values`), whether a meta-batch can be vmapped (:func:`choose_batching`)
+and the head resized for another number of classes (:func:`resize_head`). They are functions, not
+methods, so that a learner's constructor calls nothing a subclass overrides.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from metaloop.algorithms.learned import Learned, is_number_or_tuple
+from metaloop.optim import Rule, get_rule
+from metaloop.optim.hyperparams import per_parameter
+from metaloop.optim.loop import vmap_problems
+
+__all__ = [
+    "AUTO_BATCHING",
+    "choose_batching",
+    "find_head",
+    "learned_values",
+    "read_inner_optimizer",
+    "resize_head",
+    "select_adapted",
+]
+
+OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
+
+# What batch_tasks="auto" picks for a model that vmap can adapt, by device type and model kind ("conv": it has a
+# 2-D convolution). Measured with benchmarks/run.py (CPU) and benchmarks/gpu.py (CUDA); devices not listed: "cpu".
+AUTO_BATCHING: dict[tuple[str, str], Literal["vmap", "sequential"]] = {
+    ("cpu", "conv"): "sequential",  # vmapped conv nets are slower on CPU (benchmarks/results/results.md)
+    ("cpu", "other"): "vmap",
+    ("cuda", "conv"): "vmap",  # first-order MAML on an H200: 41.8 meta-steps/s vmapped, 2.5 sequential (gpu_h200.md)
+    ("cuda", "other"): "vmap",
+}
+
+
+def choose_batching(model: nn.Module, batch_tasks: str, first_order: bool, device_type: str) -> bool:
+    """Returns whether a meta-batch is adapted under vmap: ``batch_tasks`` (``"auto"``: :data:`AUTO_BATCHING`'s choice).
+
+    Raises:
+        ValueError: for ``batch_tasks="vmap"`` and a model vmap cannot adapt (buffers: running statistics).
+    """
+    problems = vmap_problems(model, second_order=not first_order, exact_norms=True)
+    if batch_tasks == "vmap" and problems:
+        raise ValueError(
+            f"batch_tasks='vmap' cannot adapt this model: {'; '.join(problems)}; use batch_tasks='sequential'"
+            + (", or BatchNorm without running statistics (track_running_stats=False)" if "buffers" in problems[0] else "")
+        )
+    if batch_tasks == "auto":
+        kind = "conv" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "other"
+        choice = AUTO_BATCHING.get((device_type, kind), AUTO_BATCHING[("cpu", kind)])
+        return not problems and choice == "vmap"
+    return batch_tasks == "vmap"
+
+
+def find_head(model: nn.Module, head: str | None) -> str | None:
+    """Returns the name of the classifier head: ``head``, else a linear layer named ``head``, else the last linear layer.
+
+    Raises:
+        ValueError: if ``head`` names no ``nn.Linear`` of the model.
+    """
+    modules = dict(model.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if head is not None:
+        if not isinstance(modules.get(head), nn.Linear):
+            raise ValueError(f"head={head!r} is not an nn.Linear of the model; its linear layers are {linear}")
+        return head
+    if isinstance(modules.get("head"), nn.Linear):
+        return "head"  # not the last linear layer where one follows it (FiLM's)
+    return linear[-1] if linear else None
+
+
+def select_adapted(model: nn.Module, pattern: str | None) -> list[str]:
+    """Returns the names of the parameters the inner loop adapts: those ``pattern`` matches (None: all).
+
+    Parameters of modules marked ``inner_frozen = True`` (per-step BatchNorm: meta-learned per inner step,
+    never adapted) are left out.
+
+    Raises:
+        ValueError: if nothing is left.
+    """
+    frozen = {
+        f"{name}.{p}" if name else p
+        for name, module in model.named_modules() if getattr(module, "inner_frozen", False)
+        for p, _ in module.named_parameters()
+    }
+    names = [n for n, _ in model.named_parameters()]
+    chosen = [n for n in names if (pattern is None or re.search(pattern, n)) and n not in frozen]
+    if not chosen:
+        why = f" (parameters of layers that never adapt: {sorted(frozen)})" if frozen else ""
+        raise ValueError(f"params={pattern!r} matches none of the model's adaptable parameters {names}{why}; fix the pattern")
+    return chosen
+
+
+def read_inner_optimizer(
+    model: nn.Module, adapted: list[str], inner_optim: OptimizerFactory, lr: float | None
+) -> tuple[Rule, dict[str, dict[str, Any]]]:
+    """Returns the inner rule (from the optimizer table) and each adapted parameter's hyperparameters (``lr`` set if given).
+
+    Raises:
+        TypeError: if ``inner_optim`` does not build a ``torch.optim.Optimizer``.
+        ValueError: for several param groups, an optimizer without a pure rule, or hyperparameters the rule refuses.
+    """
+    params = dict(model.named_parameters())
+    optimizer = inner_optim([params[n] for n in adapted])
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"inner_optim must build a torch.optim.Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.4)), "
+            f"got {type(optimizer).__name__}"
+        )
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(
+            f"inner_optim built {len(optimizer.param_groups)} param groups; give it one (per-parameter values "
+            "are learned hyperparameters: learnable={'lr': PerTensor()})"
+        )
+    rule = get_rule(type(optimizer))
+    if rule is None:
+        raise ValueError(
+            f"{type(optimizer).__name__}'s differentiable version has no pure update rule, which the fast inner "
+            "loop needs; register one with metaloop.optim.register_optim(optimizer_type, Rule(init=..., update=...))"
+        )
+    group = dict(optimizer.param_groups[0])
+    if lr is not None:
+        group["lr"] = lr
+    hparams = per_parameter(group)
+    if rule.check is not None:
+        for hp in hparams:
+            rule.check(hp)
+    return rule, dict(zip(adapted, hparams))
+
+
+def learned_values(
+    model: nn.Module, adapted: list[str], defaults: Mapping[str, Any], hp_name: str, spec: Learned
+) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """Returns the learned values of hyperparameter ``hp_name`` by key, and each adapted parameter's key.
+
+    ``defaults`` are the inner optimizer's hyperparameters (the start, unless ``spec.init`` says otherwise).
+
+    Raises:
+        ValueError: if ``hp_name`` is not a hyperparameter of the inner optimizer, or starts at a value
+            that is not a number or tuple of numbers.
+    """
+    if hp_name not in defaults:
+        known = sorted(k for k, v in defaults.items() if is_number_or_tuple(v))
+        raise ValueError(
+            f"learnable names {hp_name!r}, which is not a hyperparameter of the inner optimizer (it has {known}); "
+            "learn one of those, or pick an inner optimizer that has it (betas: adam, adamax, nadam, radam)"
+        )
+    init = defaults[hp_name] if spec.init is None else spec.init
+    if not is_number_or_tuple(init):
+        raise ValueError(f"learnable {hp_name!r} starts at {init!r}; a learned hyperparameter must be a number or tuple of numbers")
+    params = dict(model.named_parameters())
+    values: dict[str, nn.Parameter] = {}
+    keys: dict[str, str] = {}
+    for name in adapted:
+        group = spec.key(name)
+        key = hp_name if not group else f"{hp_name}/{group.replace('.', '/')}"
+        if key not in values:
+            param = params[name]
+            start = torch.as_tensor(init, dtype=param.dtype, device=param.device)
+            shape = tuple(start.shape) + spec.shape(param)
+            value = start.reshape(tuple(start.shape) + (1,) * len(spec.shape(param))).expand(shape)
+            values[key] = nn.Parameter(value.clone())
+        keys[name] = key
+    return values, keys
+
+
+def resize_head(
+    params: dict[str, Tensor], hparams: dict[str, dict[str, Any]], head: nn.Linear, head_name: str, n_ways: int,
+    keep: Callable[[str], bool] = lambda hp: False,
+) -> None:
+    """Replaces the head's weights in ``params`` by zeros with ``n_ways`` outputs, and its per-element hyperparameters in
+    ``hparams`` by their mean over the trained outputs (hyperparameters ``keep`` names stay as they are).
+
+    Raises:
+        ValueError: if the head does not adapt (a new head would stay at zero) or has learned transforms sized for it.
+    """
+    head_names = [f"{head_name}.{n}" for n, _ in head.named_parameters()]
+    if not all(n in hparams for n in head_names):
+        raise ValueError(
+            f"n_ways={n_ways} differs from the head's {head.out_features} outputs, but the head {head_name!r} does "
+            "not adapt (inner.params excludes it), so a new head would stay at zero; adapt the head or use "
+            f"n_ways={head.out_features}"
+        )
+    if any(isinstance(v, nn.Module) for n in head_names for v in hparams[n].values()):
+        raise ValueError(
+            f"n_ways={n_ways} differs from the head's {head.out_features} outputs, and the learned transforms of "
+            f"the head are sized for {head.out_features}; evaluate {head.out_features}-way tasks or train with "
+            f"n_ways={n_ways}"
+        )
+    for name in head_names:
+        old = params[name]
+        # a leaf that takes gradients, as the trained head did: the inner loop skips weights without them
+        params[name] = old.new_zeros((n_ways, *old.shape[1:])).requires_grad_(old.requires_grad)
+        hparams[name] = {
+            k: v if keep(k) or not isinstance(v, Tensor) else _resize_rows(v, old.shape, n_ways)
+            for k, v in hparams[name].items()
+        }
+
+
+def _resize_rows(value: Tensor, shape: torch.Size, rows: int) -> Tensor:
+    """Returns a per-element value of a head parameter of ``shape`` for ``rows`` outputs: the mean over trained rows."""
+    if tuple(value.shape[-len(shape):]) != tuple(shape) or len(shape) == 0:
+        return value
+    lead = value.ndim - len(shape)
+    mean = value.mean(dim=lead, keepdim=True)
+    return mean.expand(*value.shape[:lead], rows, *shape[1:])
