@@ -16,7 +16,8 @@ import time
 import torch
 
 from benchmarks.workloads import omniglot_workload
-from metaloop.lightning import Classification, Conv4, MetaLightningModule
+from metaloop.lightning import Classification, MetaLightningModule
+from metaloop.nn import Conv4
 from metaloop.tasks import Task
 
 

@@ -7,7 +7,7 @@
 - :mod:`~metaloop.lightning.adapted_model`: :class:`AdaptedModel`, a model run with a task's adapted weights.
 - :mod:`~metaloop.lightning.metrics`: :class:`MeanWithConfidence`.
 - :mod:`~metaloop.lightning.reptile`: :class:`ReptileModule` (Reptile: no query backward, interpolation step).
-- :mod:`~metaloop.lightning.cavia`: :class:`CaviaModule` (CAVIA: per-task context parameters) and its models.
+- :mod:`~metaloop.lightning.cavia`: :class:`CaviaModule` (CAVIA: per-task context parameters; its models are in :mod:`metaloop.nn`).
 - :mod:`~metaloop.lightning.distributed`: :class:`DDPStrategy` (``trainer=ddp``): ranks that stop together on SIGTERM,
   a short collective timeout, and a failed or stuck rank named in one line.
 """
@@ -18,7 +18,6 @@ from metaloop.lightning.adapted_model import AdaptedModel
 from metaloop.lightning.datamodule import MetaDataModule
 from metaloop.lightning.learned import Learned, PerElement, PerLayer, PerTensor, Shared
 from metaloop.lightning.metrics import MeanWithConfidence
-from metaloop.lightning.models import MLP, Conv4
 from metaloop.lightning.module import MetaLightningModule
 from metaloop.lightning.mamlpp import MAMLPlusPlus, PerStep, msl_weights
 from metaloop.lightning.objectives import Classification, Objective, Regression
@@ -26,10 +25,23 @@ from metaloop.lightning.runs import checkpoint_config, load_run, load_tasks
 
 FunctionalModel = AdaptedModel  # the name before 0.2, kept for code that imports it
 
+# Networks that lived here and live in metaloop.nn; stored configurations name them by these paths.
+MOVED_TO_NN = ("Conv4", "MLP", "ContextMLP", "FiLMConv4", "conv4_backbone")
+
+
+def __getattr__(name: str) -> object:
+    """Returns ``metaloop.nn``'s network ``name`` for the names in :data:`MOVED_TO_NN` (``metaloop.lightning.Conv4``)."""
+    if name in MOVED_TO_NN:
+        import metaloop.nn
+
+        return getattr(metaloop.nn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Last: metric_learning builds on the names above.
-from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, conv4_backbone, head_logits  # noqa: E402
+from metaloop.lightning.metric_learning import FewShotHead, PrototypicalModule, head_logits  # noqa: E402
 from metaloop.lightning.reptile import ReptileModule  # noqa: E402
-from metaloop.lightning.cavia import CaviaModule, ContextMLP, FiLMConv4  # noqa: E402
+from metaloop.lightning.cavia import CaviaModule  # noqa: E402
 
 __all__ = [
     "MetaDataModule",
@@ -48,17 +60,12 @@ __all__ = [
     "PerTensor",
     "PerElement",
     "MeanWithConfidence",
-    "Conv4",
-    "MLP",
     "load_run",
     "load_tasks",
     "checkpoint_config",
     "PrototypicalModule",
     "FewShotHead",
     "head_logits",
-    "conv4_backbone",
     "ReptileModule",
     "CaviaModule",
-    "ContextMLP",
-    "FiLMConv4",
 ]
