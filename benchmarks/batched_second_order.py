@@ -17,7 +17,8 @@ import torch
 
 from benchmarks.workloads import omniglot_workload
 from metaloop.algorithms import InnerOptions
-from metaloop.lightning import Classification, Conv4, MetaLightningModule
+from metaloop.lightning import Classification, MetaLightningModule
+from metaloop.nn import Conv4
 from metaloop.tasks import Task
 
 

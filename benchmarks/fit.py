@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metaloop.lightning import MLP
+from metaloop.nn import MLP
 from metaloop.tasks import SinusoidTasks, TaskStream
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,8 +30,7 @@ _MOVED = {
         "Regression", "Learned", "Shared", "PerLayer", "PerTensor", "PerElement", "PrototypicalModule", "FewShotHead",
         "head_logits", "ReptileModule", "CaviaModule",
     ),
-    "metaloop.lightning.models": ("Conv4", "MLP"),
-    "metaloop.nn": ("conv4_backbone", "ContextMLP", "FiLMConv4"),
+    "metaloop.nn": ("Conv4", "MLP", "conv4_backbone", "ContextMLP", "FiLMConv4"),
 }
 _WHERE = {name: package for package, names in _MOVED.items() for name in names}
 

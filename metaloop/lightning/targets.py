@@ -7,7 +7,8 @@ there: ``torch.hub.load_state_dict_from_url`` downloads a file and may unpickle 
 :func:`check_targets` has found every target in it allowed, before anything is called:
 
 - the classes metaloop exports (``metaloop``, ``metaloop.lightning``, ``metaloop.nn``, ``metaloop.optim``,
-  ``metaloop.tasks``, ``metaloop.transforms``), by public name and by the name of their defining module;
+  ``metaloop.tasks``, ``metaloop.transforms``), by public name and by the name of their defining module,
+  and the networks' former paths (``metaloop.lightning.Conv4``: ``metaloop.lightning.MOVED_TO_NN``);
 - the modules of ``torch.nn``, the optimizers of ``torch.optim`` and the schedulers of ``torch.optim.lr_scheduler``;
 - :data:`SHIPPED`: the other targets metaloop's ``configs/`` name (a model function, callbacks, the
   Trainer, loggers), ``functools.partial``, and ``hydra.utils.get_class`` of an allowed path;
@@ -41,7 +42,7 @@ GET_CLASS = "hydra.utils.get_class"
 SHIPPED = frozenset({
     "functools.partial",
     GET_CLASS,  # its path is checked as a target too
-    "metaloop.lightning.conv4_backbone",
+    "metaloop.nn.conv4_backbone",
     "metaloop.lightning.callbacks.MetaStepTimer",
     "metaloop.lightning.callbacks.RunCheckpoint",
     "metaloop.lightning.callbacks.StopOnNonFinite",
@@ -77,6 +78,8 @@ def allowed_targets() -> frozenset[str]:
             obj = getattr(package, public)
             if isinstance(obj, type):
                 names |= {f"{package.__name__}.{public}", _name(obj)}
+        # the former paths of networks that moved to metaloop.nn, which configurations stored before name
+        names |= {f"{package.__name__}.{former}" for former in getattr(package, "MOVED_TO_NN", ())}
     for namespace, base_path in _TORCH_FAMILIES:
         module = importlib.import_module(namespace)
         base_module, _, base_name = base_path.rpartition(".")

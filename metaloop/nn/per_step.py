@@ -1,4 +1,4 @@
-"""Networks with a part per inner step: MAML++'s per-step BatchNorm and the 4-block conv net built on it.
+"""Layers with a part per inner step: MAML++'s per-step BatchNorm (its conv net is :class:`metaloop.nn.PerStepConv4`).
 
 Antoniou, Edwards & Storkey (2019), "How to train your MAML", ICLR, section 4: BatchNorm weights
 and biases per inner step (BNWB) and running statistics per inner step (BNRS). A step-indexed
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 EvalStats = Literal["running", "batch"]
 
-__all__ = ["PerStepBatchNorm2d", "PerStepConv4"]
+__all__ = ["PerStepBatchNorm2d"]
 
 
 class PerStepBatchNorm2d(nn.Module):
@@ -31,7 +31,7 @@ class PerStepBatchNorm2d(nn.Module):
         per_step_weights: BNWB: a weight and a bias per slot, ``(steps + 1, C)``; else one ``(C,)`` pair.
         per_step_stats: BNRS: running mean and variance per slot (buffers ``(steps + 1, C)``), updated
             by the slot's batches in training mode. False keeps none: the statistics of the batch
-            normalise in training and evaluation alike (as :class:`~metaloop.lightning.Conv4`).
+            normalise in training and evaluation alike (as :class:`~metaloop.nn.Conv4`).
         eval_stats: with ``per_step_stats``, what normalises in evaluation mode (``eval()``):
             ``"running"``, the slot's running statistics, as the paper describes BNRS; ``"batch"``, the
             batch's own (transductive, as in training), which is what the authors' code does (it
@@ -94,51 +94,3 @@ class PerStepBatchNorm2d(nn.Module):
             f"{self.num_features}, steps={self.steps}, per_step_weights={self.per_step_weights}, "
             f"per_step_stats={self.per_step_stats}, eval_stats={self.eval_stats!r}, momentum={self.momentum}, eps={self.eps}"
         )
-
-
-class PerStepConv4(nn.Module):
-    """Returns class logits ``(n, out_features)`` of images ``(n, in_channels, S, S)`` after ``step`` inner updates.
-
-    MAML++'s network (Antoniou et al. 2019): :class:`~metaloop.lightning.Conv4`'s four blocks of
-    [3x3 convolution with ``hidden`` filters, BatchNorm, ReLU, 2x2 max-pooling] and a linear
-    ``head``, with :class:`PerStepBatchNorm2d` for BatchNorm (``per_step_weights``: BNWB,
-    ``per_step_stats`` and ``eval_stats``: BNRS; both False is Conv4's batch-statistics BatchNorm). ``forward(x, step)``
-    takes the number of inner updates the weights have had; :class:`~metaloop.lightning.MAMLPlusPlus`
-    passes it. Parameters are named ``blocks.{i}.conv.*``, ``blocks.{i}.norm.*`` and ``head.*``.
-
-    Raises:
-        ValueError: as :class:`~metaloop.lightning.Conv4` and :class:`PerStepBatchNorm2d`.
-    """
-
-    def __init__(
-        self,
-        out_features: int,
-        steps: int,
-        in_channels: int = 1,
-        hidden: int = 64,
-        image_size: int = 28,
-        per_step_weights: bool = True,
-        per_step_stats: bool = True,
-        eval_stats: EvalStats = "running",
-    ) -> None:
-        super().__init__()
-        if not isinstance(out_features, int) or out_features < 1:
-            raise ValueError(
-                f"out_features={out_features!r}: PerStepConv4 is a classifier and needs the number of classes (the "
-                "task's n_ways); pick a classification task (task=omniglot)"
-            )
-        if image_size < 16:
-            raise ValueError(f"image_size={image_size} is too small for four 2x2 poolings; use at least 16 (Omniglot: 28)")
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({
-                "conv": nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
-                "norm": PerStepBatchNorm2d(hidden, steps, per_step_weights, per_step_stats, eval_stats),
-            })
-            for i in range(4)
-        )
-        self.head = nn.Linear(hidden * (image_size // 16) ** 2, out_features)
-
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        for block in self.blocks:
-            x = F.max_pool2d(F.relu(block["norm"](block["conv"](x), step)), 2)
-        return self.head(x.flatten(1))

@@ -4,7 +4,8 @@ Every classifier is ``classifier(features(x))``: ``features`` is the backbone (a
 as ``*Backbone``) and ``classifier`` a linear layer, so ANIL adapts ``adapt_params="^classifier\\."``
 and prototypical heads use ``model.features``. Module and parameter names follow learn2learn's
 ``learn2learn.vision.models``, so its state dicts (and its pretrained backbones) load unchanged.
-Imports only torch.
+The conv nets are :func:`metaloop.nn.conv4.conv_block`'s blocks in learn2learn's layout and
+initialisation (metaloop's own conv-4 is :class:`~metaloop.nn.Conv4`). Imports only torch.
 
 References: Finn et al. 2017 (MAML's conv nets); Ravi & Larochelle 2017 (CNN4 for 84x84);
 Santoro et al. 2016 (the Omniglot MLP); Mishra et al. 2018 and Lee et al. 2019 (ResNet-12, DropBlock
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metaloop.nn.conv4 import conv4_features, conv_block
 
 __all__ = [
     "maml_init_",
@@ -72,9 +75,18 @@ class LinearBlock(nn.Module):
         return self.relu(self.normalize(self.linear(x)))
 
 
+def _uniform_batch_norm(channels: int) -> nn.Module:
+    """Returns BatchNorm with running statistics and weights drawn from uniform(0, 1), as learn2learn's ConvBlock."""
+    norm = nn.BatchNorm2d(channels, affine=True)
+    nn.init.uniform_(norm.weight)
+    return norm
+
+
 class ConvBlock(nn.Module):
     """Returns ``maxpool(relu(batchnorm(conv3x3(x))))``, halving the resolution by pooling or, without ``max_pool``, by a stride-2 convolution.
 
+    :func:`~metaloop.nn.conv4.conv_block` with learn2learn's names (``conv``, ``normalize``), its
+    initialisations (:func:`maml_init_`, BatchNorm weights from uniform(0, 1)) and running statistics.
     ``max_pool_factor`` scales the pooling window and stride (or the convolution's stride):
     ``int(2 * max_pool_factor)``.
     """
@@ -91,13 +103,9 @@ class ConvBlock(nn.Module):
         stride = int(2 * max_pool_factor)
         if stride < 1:
             raise ValueError(f"max_pool_factor={max_pool_factor} gives a stride of {stride}; use at least 0.5")
-        self.max_pool: nn.Module = nn.MaxPool2d(stride, stride) if max_pool else nn.Identity()
-        self.normalize = nn.BatchNorm2d(out_channels, affine=True)
-        nn.init.uniform_(self.normalize.weight)
-        self.relu = nn.ReLU()
-        self.conv = maml_init_(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride=1 if max_pool else stride, padding=1, bias=True)
-        )
+        conv, normalize, relu, pool = conv_block(in_channels, out_channels, _uniform_batch_norm, stride, max_pool, kernel_size)
+        self.max_pool, self.normalize, self.relu = pool, normalize, relu  # learn2learn's order of registration
+        self.conv = maml_init_(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.max_pool(self.relu(self.normalize(self.conv(x))))
@@ -225,10 +233,8 @@ class CNN4(nn.Module):
         _check_size("output_size", output_size)
         _check_size("layers", layers)
         if image_size is not None:
-            if image_size < 16:
-                raise ValueError(f"image_size={image_size} is too small for four 2x2 poolings; use at least 16 (mini-ImageNet: 84)")
-            if embedding_size is None:
-                embedding_size = hidden_size * (image_size // 16) ** 2
+            width = conv4_features(hidden_size, image_size, "mini-ImageNet: 84")
+            embedding_size = width if embedding_size is None else embedding_size
         self.features = CNN4Backbone(
             hidden_size=hidden_size, channels=channels, max_pool=max_pool, layers=layers, max_pool_factor=4 // layers
         )

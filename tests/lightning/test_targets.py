@@ -124,3 +124,20 @@ def test_metaloop_torch_nn_and_optim_classes_and_partials_of_them_build():
 
 def test_the_docstring_example_runs():
     assert doctest.testmod(targets, raise_on_error=True).attempted == 1
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("Conv4", {"out_features": 2, "hidden": 4}),
+    ("MLP", {"sizes": [1, 4, 1]}),
+    ("ContextMLP", {"sizes": [1, 4, 1], "context_size": 2}),
+    ("FiLMConv4", {"out_features": 2, "hidden": 4, "context_size": 3}),
+    ("conv4_backbone", {"hidden": 4}),
+])
+def test_configurations_stored_before_the_networks_moved_to_metaloop_nn_still_build(name, kwargs):
+    """Checkpoints written before the move name metaloop.lightning.<network>: they build metaloop.nn's network, with its parameter names."""
+    import metaloop.lightning
+    import metaloop.nn
+
+    assert getattr(metaloop.lightning, name) is getattr(metaloop.nn, name)
+    old, new = build({"_target_": f"metaloop.lightning.{name}", **kwargs}), build({"_target_": f"metaloop.nn.{name}", **kwargs})
+    assert type(old) is type(new) and list(old.state_dict()) == list(new.state_dict())
