@@ -81,8 +81,8 @@ class RecordStartingContext(CaviaModule):
 
 def test_every_task_starts_from_a_zero_context_of_its_own():
     torch.manual_seed(0)
-    module = RecordStartingContext(ContextMLP([1, 8, 8, 1], 3), Regression(), functools.partial(torch.optim.SGD, lr=LR),
-                                   functools.partial(torch.optim.Adam, lr=1e-2), inner_steps=2, batch_tasks="sequential")
+    module = RecordStartingContext(ContextMLP([1, 8, 8, 1], 3), Regression(), InnerOptions(steps=2, batch_tasks="sequential"),
+                                   functools.partial(torch.optim.SGD, lr=LR), functools.partial(torch.optim.Adam, lr=1e-2))
     module.seen = []
     with torch.no_grad():
         module.model.context.fill_(5.0)  # what the model holds is not where a task starts
