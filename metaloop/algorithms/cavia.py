@@ -40,6 +40,7 @@ class CaviaModule(MetaLightningModule):
     """
 
     default_params = CONTEXT
+    params_fix = "use a model with context parameters (model=context_mlp, model=film_conv4)"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -79,14 +79,14 @@ def find_head(model: nn.Module, head: str | None) -> str | None:
     return linear[-1] if linear else None
 
 
-def select_adapted(model: nn.Module, pattern: str | None) -> list[str]:
+def select_adapted(model: nn.Module, pattern: str | None, fix: str = "fix the pattern") -> list[str]:
     """Returns the names of the parameters the inner loop adapts: those ``pattern`` matches (None: all).
 
     Parameters of modules marked ``inner_frozen = True`` (per-step BatchNorm: meta-learned per inner step,
     never adapted) are left out.
 
     Raises:
-        ValueError: if nothing is left.
+        ValueError: if nothing is left (the message ends with ``fix``).
     """
     frozen = {
         f"{name}.{p}" if name else p
@@ -97,7 +97,7 @@ def select_adapted(model: nn.Module, pattern: str | None) -> list[str]:
     chosen = [n for n in names if (pattern is None or re.search(pattern, n)) and n not in frozen]
     if not chosen:
         why = f" (parameters of layers that never adapt: {sorted(frozen)})" if frozen else ""
-        raise ValueError(f"params={pattern!r} matches none of the model's adaptable parameters {names}{why}; fix the pattern")
+        raise ValueError(f"params={pattern!r} matches none of the model's adaptable parameters {names}{why}; {fix}")
     return chosen
 
 

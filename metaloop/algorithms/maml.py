@@ -152,6 +152,8 @@ class MetaLightningModule(MetaLearner):
 
     #: the adapted parameters when ``inner.params`` is None (a regular expression; None: every parameter)
     default_params: str | None = None
+    #: what to do when no parameter is adapted (the end of the constructor's error message)
+    params_fix: str = "fix the pattern"
 
     def __init__(
         self,
@@ -170,7 +172,9 @@ class MetaLightningModule(MetaLearner):
         self.save_hyperparameters({"inner": {k: v for k, v in vars(inner).items() if k != "implicit"}, "head": head})
         self.inner = inner
         self.head = parts.find_head(model, head)
-        self.adapted_names = parts.select_adapted(model, inner.params if inner.params is not None else self.default_params)
+        self.adapted_names = parts.select_adapted(
+            model, inner.params if inner.params is not None else self.default_params, self.params_fix
+        )
         self.rule, self._inner_hparams = parts.read_inner_optimizer(model, self.adapted_names, inner_optim, inner.lr)
         # Module-valued hyperparameters (a TransformOptimizer's learned transforms) are trained by the
         # outer optimizer and saved in checkpoints: register them as submodules.

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from metaloop.lightning.checkpoint import is_remote, load_checkpoint
 from metaloop.lightning.targets import build, refuse_interpolations
 
-__all__ = ["CONFIG_KEY", "SaveRunConfig", "checkpoint_config", "load_module", "load_run", "load_tasks"]
+__all__ = ["CONFIG_KEY", "SaveRunConfig", "checkpoint_config", "load_module", "load_run", "load_tasks", "migrated_module"]
 
 CONFIG_KEY = "metaloop_config"
 
@@ -78,6 +78,32 @@ def _node(config: DictConfig, key: str, path: str | Path) -> Any:
     return node
 
 
+# the flat inner-loop arguments of learners before 0.4, by the InnerOptions field that holds each now
+_FORMER_INNER = {
+    "inner_steps": "steps", "eval_inner_steps": "eval_steps", "first_order": "first_order", "adapt_params": "params",
+    "batch_tasks": "batch_tasks", "meta_grad": "meta_grad", "truncate": "truncate", "implicit": "implicit",
+}
+
+
+def migrated_module(node: Any) -> Any:
+    """Returns a stored ``module`` node in the arguments of today's learners (a copy; the node itself if already so).
+
+    Configurations stored before 0.4 gave gradient-based learners flat inner-loop arguments (``inner_steps``,
+    ``adapt_params``...), now one ``inner`` mapping (:class:`~metaloop.algorithms.InnerOptions`), and
+    ``PrototypicalModule`` its network as ``backbone``, now ``model``.
+
+    Examples:
+        >>> migrated_module({"_target_": "metaloop.lightning.MetaLightningModule", "inner_steps": 5, "adapt_params": None})
+        {'_target_': 'metaloop.lightning.MetaLightningModule', 'inner': {'steps': 5, 'params': None}}
+    """
+    plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+    if not isinstance(plain, dict) or not (set(plain) & (set(_FORMER_INNER) | {"backbone"})):
+        return node
+    inner = {_FORMER_INNER[k]: v for k, v in plain.items() if k in _FORMER_INNER}
+    moved = {("model" if k == "backbone" else k): v for k, v in plain.items() if k not in _FORMER_INNER}
+    return {**moved, "inner": inner} if inner else moved
+
+
 def load_module(
     path: str | Path,
     map_location: Any = None,
@@ -105,7 +131,7 @@ def load_module(
     """
     checkpoint = _load(path, map_location)
     config = _config(checkpoint, path)
-    module = build(_node(config, "module", path), allow, source=f"checkpoint {path}", key="module")
+    module = build(migrated_module(_node(config, "module", path)), allow, source=f"checkpoint {path}", key="module")
     if cls is not None and not isinstance(module, cls):
         raise ValueError(
             f"checkpoint {path} holds a {type(module).__name__}, not a {cls.__name__}; load it with "

@@ -139,7 +139,7 @@ def test_cavia_on_images_trains_with_film_and_keeps_the_head_fixed_in_the_inner_
 
 def test_bad_models_and_options_are_refused():
     sgd = functools.partial(torch.optim.SGD, lr=LR)
-    with pytest.raises(ValueError, match="matches none of the model's parameters.*model=context_mlp"):
+    with pytest.raises(ValueError, match="matches none of the model's adaptable parameters.*model=context_mlp"):
         CaviaModule(MLP([1, 8, 1]), Regression(), InnerOptions(), sgd, sgd)
     with pytest.raises(ValueError, match="selects the head 'head'"):
         cavia_module(adapt_params="context|head")

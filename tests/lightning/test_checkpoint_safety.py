@@ -118,9 +118,9 @@ def test_lightnings_loader_given_a_url_is_bounded_too_and_keeps_no_copy(http_fol
     torch.save({"state_dict": trained.state_dict(), "pytorch-lightning_version": lightning.__version__}, http_folder.root / "m.ckpt")
     monkeypatch.setenv(MAX_DOWNLOAD_ENV, "100")
     with pytest.raises(CheckpointError, match="is larger than the download limit of 100 bytes"):
-        MetaLightningModule.load_from_checkpoint(f"{http_folder.url}/m.ckpt", **arguments)
+        MetaLightningModule.load_from_checkpoint(f"{http_folder.url}/m.ckpt", **with_inner(arguments))
     monkeypatch.delenv(MAX_DOWNLOAD_ENV)
-    loaded = MetaLightningModule.load_from_checkpoint(f"{http_folder.url}/m.ckpt", **arguments)
+    loaded = MetaLightningModule.load_from_checkpoint(f"{http_folder.url}/m.ckpt", **with_inner(arguments))
     assert torch.equal(loaded.model.head.weight, trained.model.head.weight)
     assert list(tmpdir_here.iterdir()) == [] and not (tmp_path / "torch_home").exists()
 

@@ -312,7 +312,7 @@ def test_check_task_rejects_models_and_objectives_that_do_not_fit():
     with pytest.raises(ValueError, match=r"the task's labels are floats .* a regression task"):
         sinusoid_module(model=MLP([1, 8, 5]), objective=Classification()).check_task(sine_task)
     with pytest.raises(ValueError, match=r"the task's targets are integers .* a classification task"):
-        conv_module().__class__(conv_module().model, Regression(), functools.partial(torch.optim.SGD, lr=0.1),
+        conv_module().__class__(conv_module().model, Regression(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.1),
                                 functools.partial(torch.optim.SGD, lr=0.1)).check_task(image_task)
     with pytest.raises(ValueError, match=r"set the model's out_features to 7"):
         conv_module(n_ways=5).check_task(Task(*(f[0] for f in image_tasks(7).batch("train", [torch.Generator()]))))

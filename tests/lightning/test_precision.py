@@ -329,7 +329,7 @@ def test_auto_batching_follows_the_table_for_each_device_and_stays_exact(device_
 
     net = Conv4(5, hidden=8) if model == "conv4" else MLP()
     module = MetaLightningModule(net, Classification() if model == "conv4" else Regression(), InnerOptions(first_order=first_order), functools.partial(torch.optim.SGD, lr=0.1), ADAM)
-    batched = module._choose_batching("auto", device_type, precision)
+    batched = module.choose_batching(device_type, precision)
     kind = "conv" if model == "conv4" else "other"
     # vmap is exact for all of them (plain-operation BatchNorm under vmap, metaloop.nn.exact_norms): the table decides
     assert batched == (AUTO_BATCHING[(device_type, kind)] == "vmap")

@@ -132,7 +132,7 @@ def test_the_meta_step_size_anneals_linearly_from_eps_to_zero():
 def test_options_reptile_cannot_honour_are_refused():
     with pytest.raises(ValueError, match=r"learnable=\['lr'\].*use learnable=none"):
         reptile_module(learnable={"lr": PerElement()})
-    with pytest.raises(ValueError, match="inner_batch=0 must be a positive whole number"):
+    with pytest.raises(ValueError, match="inner_batch=0 is not accepted \\(it is below 1\\); use a whole number >= 1"):
         reptile_module(inner_batch=0)
     with pytest.raises(ValueError, match="meta_grad='truncated'.*inner.meta_grad=unrolled"):
         reptile_module(meta_grad="truncated")

@@ -21,7 +21,7 @@ CONFIG = {
         "inner_optim": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05},
         "outer_optim": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01},
         "learnable": {"lr": {"_target_": "metaloop.lightning.PerElement"}},
-        "inner_steps": 1,
+        "inner": {"steps": 1},
     },
 }
 

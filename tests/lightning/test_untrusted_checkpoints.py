@@ -22,6 +22,7 @@ LEGIT_MODULE = {
     "_target_": "metaloop.lightning.MetaLightningModule",
     "model": {"_target_": "metaloop.lightning.MLP", "sizes": [1, 8, 1]},
     "objective": {"_target_": "metaloop.lightning.Regression"},
+    "inner": {"steps": 1},
     "inner_optim": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05},
     "outer_optim": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01},
 }

@@ -153,14 +153,14 @@ def test_mamlpp_per_step_batchnorm_weights_vmapped_equal_task_by_task_in_float64
 
 
 def test_vmapped_evaluation_equals_task_by_task():
-    make = functools.partial(lambda **kw: MetaLightningModule(Conv4(5, hidden=8), Classification(), InnerOptions(), functools.partial(torch.optim.SGD, lr=0.4), ADAM, **with_inner(kw)))
+    make = functools.partial(lambda **kw: MetaLightningModule(Conv4(5, hidden=8), Classification(), inner_optim=functools.partial(torch.optim.SGD, lr=0.4), outer_optim=ADAM, **with_inner(kw)))
     results = {}
     for batch_tasks in ("sequential", "vmap"):
         torch.manual_seed(0)
         module = make(batch_tasks=batch_tasks).double()
         support_x, support_y, query_x, query_y = _omniglot_like()
         results[batch_tasks] = module.adapt((support_x[0], support_y[0]), 2)(query_x[0])
-        chunks = [r for _, r in module.over_tasks(functools.partial(module._evaluate_task, None), _omniglot_like())]
+        chunks = [r for _, r in module.over_tasks(functools.partial(module.evaluate_task, None), _omniglot_like())]
         results[batch_tasks + " eval"] = chunks
     torch.testing.assert_close(results["vmap"], results["sequential"], rtol=0, atol=1e-12)
     for when in (0, 1):  # metrics before and after adaptation, per task
