@@ -10,15 +10,6 @@ from __future__ import annotations
 from metaloop.optim import differentiable
 from metaloop.optim.differentiable import (
     DifferentiableOptimizer,
-    _add,
-    _addcdiv,
-    _addcmul,
-    _get_mask_closure,
-    _GradCallbackType,
-    _GradClosureType,
-    _GroupedGradsType,
-    _maybe_mask,
-    _OverrideType,
     create_diff_optim,
     differentiable_version,
     get_diff_optim,
@@ -48,3 +39,17 @@ __all__ = [
     "apply_rule",
     "safe_sqrt",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Returns higher's private name ``name`` (``_add``, ``_GradCallbackType``, ...) from :mod:`metaloop.compat.higher`.
+
+    ``import metaloop as higher`` makes this module ``higher.optim``, whose users import higher's private
+    helpers from it; they live in the compatibility layer and are looked up only when asked for.
+    """
+    if name.startswith("_") and not name.startswith("__"):
+        from metaloop.compat import higher
+
+        if name in higher.OPTIM_NAMES:
+            return getattr(higher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
