@@ -14,33 +14,11 @@ metaloop holds fast weights in tensors passed to ``torch.func.functional_call``,
 
 from __future__ import annotations
 
-from metaloop.transforms.gradient_transforms import (
-    KroneckerTransform,
-    MetaCurvatureTransform,
-    ModuleTransform,
-    ReshapedTransform,
-    TransformFactory,
-    apply_transform,
-    build_transforms,
-)
-from metaloop.transforms.transform_optimizer import (
-    DifferentiableTransformOptimizer,
-    TransformOptimizer,
-    transform_step,
-)
+from metaloop.transforms import gradient_transforms, transform_optimizer
+from metaloop.transforms.gradient_transforms import *  # noqa: F403
+from metaloop.transforms.transform_optimizer import *  # noqa: F403
 
-__all__ = [
-    "TransformFactory",
-    "apply_transform",
-    "build_transforms",
-    "ReshapedTransform",
-    "ModuleTransform",
-    "KroneckerTransform",
-    "MetaCurvatureTransform",
-    "transform_step",
-    "TransformOptimizer",
-    "DifferentiableTransformOptimizer",
-]
+__all__ = [*gradient_transforms.__all__, *transform_optimizer.__all__]
 
 # learn2learn's names this package held before they moved to the compatibility layer
 _MOVED_TO_COMPAT = {
