@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from metaloop.cli.runs import RunFolder
+    from metaloop.cli.folders import RunFolder
 
 __all__ = [
     "COMMANDS", "USAGE", "UsageError", "config_dir", "config_text", "main", "recipe_dir", "recipe_summaries", "run",
@@ -237,7 +237,7 @@ def _hydra_argv(command: str, args: Sequence[str]) -> tuple[list[str], RunFolder
     """
     # imported here: `metaloop recipes` and `--help` need neither torch nor Lightning
     from metaloop.cli.launch import process_rank
-    from metaloop.cli.runs import record_subdir, resolve_ckpt_path
+    from metaloop.cli.folders import record_subdir, resolve_ckpt_path
     from metaloop.cli.schema import check_command_line, hydra_overrides
     from metaloop.cli.stored_config import explicit_keys, stored_config
     from metaloop.lightning.checkpoint import CheckpointError, load_checkpoint
@@ -363,7 +363,7 @@ def _adopted_values(stored: dict[str, Any], composed: dict[str, Any] | None, exp
 
 def _run_folder(command: str, composed: dict[str, Any] | None, multirun: bool) -> RunFolder | None:
     """Returns the folder the command runs in (a sweep: the sweep's folder), as planned; None for ``--cfg`` and the like."""
-    from metaloop.cli.runs import RunFolder
+    from metaloop.cli.folders import RunFolder
 
     if composed is None:
         return None
@@ -430,7 +430,7 @@ def _check_launcher(overrides: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the ``metaloop`` command line (``argv`` defaults to ``sys.argv[1:]``); exits non-zero on errors."""
-    from metaloop.cli.runs import removing_downloads
+    from metaloop.cli.folders import removing_downloads
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -481,7 +481,7 @@ def _holding(folder: RunFolder | None) -> Iterator[Path | None]:
     if folder is None or process_rank() != 0:
         yield None
         return
-    from metaloop.cli.runs import RunFolderError, hold_run_folder
+    from metaloop.cli.folders import RunFolderError, hold_run_folder
 
     try:
         with hold_run_folder(folder) as path:
@@ -592,7 +592,7 @@ def run(cfg: Any) -> dict[str, float]:
     :class:`UsageError` with the offending value, and no checkpoint is written or touched. A checkpoint
     downloaded for ``ckpt_path=http(s)://...`` is deleted when the command ends, however it ends.
     """
-    from metaloop.cli.runs import removing_downloads
+    from metaloop.cli.folders import removing_downloads
 
     with removing_downloads():
         return _run(cfg)
@@ -611,7 +611,7 @@ def _run(cfg: Any) -> dict[str, float]:
 
     from metaloop.cli.launch import check_scale_out
     from metaloop.cli.report import LogRunConfig, log_results, print_summary, write_evaluation, write_results
-    from metaloop.cli.runs import resolve_ckpt_path
+    from metaloop.cli.folders import resolve_ckpt_path
     from metaloop.lightning.callbacks import (
         ContinueSchedule, MetaStepTimer, NonFiniteError, NonFiniteEvaluation, ValidateFinalStep, check_evaluation,
     )

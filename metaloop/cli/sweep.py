@@ -129,7 +129,7 @@ def run_job(cfg: DictConfig) -> float | dict[str, float] | None:
     from hydra.core.hydra_config import HydraConfig
 
     from metaloop.cli.launch import process_rank
-    from metaloop.cli.runs import RunFolderError, lock_run_folder
+    from metaloop.cli.folders import RunFolderError, lock_run_folder
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)

@@ -8,38 +8,12 @@ higher-compatible shells in :mod:`metaloop.optim.differentiable`; override handl
 from __future__ import annotations
 
 from metaloop.optim import differentiable
-from metaloop.optim.differentiable import (
-    DifferentiableOptimizer,
-    _add,
-    _addcdiv,
-    _addcmul,
-    _get_mask_closure,
-    _GradCallbackType,
-    _GradClosureType,
-    _GroupedGradsType,
-    _maybe_mask,
-    _OverrideType,
-    create_diff_optim,
-    differentiable_version,
-    get_diff_optim,
-    get_rule,
-    register_optim,
-)
+from metaloop.optim.differentiable import *  # noqa: F403  (DifferentiableOptimizer, the shells DifferentiableSGD..., get_diff_optim, ...)
 from metaloop.optim.hyperparams import apply_trainable_opt_params, get_trainable_opt_params
 from metaloop.optim.rules import OPTIMIZERS, TRANSFORM, Rule, apply_rule, safe_sqrt
 
-# The higher-named shells, one per row of the optimizer table: DifferentiableSGD, DifferentiableAdam, ...
-_SHELL_NAMES = [name for name in differentiable.__all__ if name.startswith("Differentiable") and name != "DifferentiableOptimizer"]
-globals().update({name: getattr(differentiable, name) for name in _SHELL_NAMES})
-
 __all__ = [
-    "DifferentiableOptimizer",
-    *_SHELL_NAMES,
-    "differentiable_version",
-    "get_diff_optim",
-    "create_diff_optim",
-    "register_optim",
-    "get_rule",
+    *differentiable.__all__,
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
     "Rule",
@@ -48,3 +22,16 @@ __all__ = [
     "apply_rule",
     "safe_sqrt",
 ]
+
+def __getattr__(name: str) -> object:
+    """Returns higher's private name ``name`` (``_add``, ``_GradCallbackType``, ...) from :mod:`metaloop.compat.higher`.
+
+    ``import metaloop as higher`` makes this module ``higher.optim``, whose users import higher's private
+    helpers from it; they live in the compatibility layer and are looked up only when asked for.
+    """
+    if name.startswith("_") and not name.startswith("__"):
+        from metaloop.compat import higher
+
+        if name in higher.OPTIM_NAMES:
+            return getattr(higher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

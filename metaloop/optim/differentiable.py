@@ -24,10 +24,8 @@ from metaloop.optim.rules import OPTIMIZERS, Rule, apply_rule
 from metaloop.utils import _recursive_map
 
 Device = torch.device | str | None
-_GradCallbackType = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
-_GroupedGradsType = list[list[Tensor | None]]
-_GradClosureType = Callable[[Tensor], Tensor]
-_OverrideType = dict[str, list[Any]]
+GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]  # gradients -> the gradients a step uses
+GroupedGrads = list[list[Tensor | None]]  # one list of gradients per param group
 
 _CONSTRUCTOR_ARGS = ("other", "reference_params", "fmodel", "device", "override", "grad_callback", "track_higher_grads")
 _STEP_ARGS = ("loss", "params", "override", "grad_callback")
@@ -79,7 +77,7 @@ class DifferentiableOptimizer:
         fmodel: Any = None,
         device: Device = None,
         override: Override | None = None,
-        grad_callback: _GradCallbackType | None = None,
+        grad_callback: GradCallback | None = None,
         track_higher_grads: bool = True,
         **options: Any,
     ) -> None:
@@ -163,7 +161,7 @@ class DifferentiableOptimizer:
         loss: Tensor,
         params: Iterable[Tensor] | None = None,
         override: Override | None = None,
-        grad_callback: _GradCallbackType | None = None,
+        grad_callback: GradCallback | None = None,
         **kwargs: Any,
     ) -> list[Tensor]:
         """Returns the fast weights after one update on ``loss`` (and records them in ``fmodel``).
@@ -221,7 +219,7 @@ class DifferentiableOptimizer:
             self._fmodel._record(new_params, check=self.rule is None)
         return new_params
 
-    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
+    def _update(self, grouped_grads: GroupedGrads, **kwargs: Any) -> None:
         """Writes the new fast weights into ``self.param_groups[g]["params"]``: one :func:`~metaloop.optim.rules.apply_rule` step."""
         rule = self.rule
         if rule is None:
@@ -384,37 +382,3 @@ def create_diff_optim(
     opt = opt_type(spec, **dict(opt_kwargs or {}))
     return get_diff_optim(opt, reference, fmodel=fmodel, device=device, override=override,
                           track_higher_grads=track_higher_grads, **kwargs)
-
-
-def _add(tensor: Tensor, a1: float | int | Tensor, a2: Tensor | None = None) -> Tensor:
-    """Returns ``tensor + a1`` or, given ``a2``, ``tensor + a1 * a2``, out of place (higher's helper)."""
-    return tensor + a1 if a2 is None else tensor + a1 * a2
-
-
-def _addcdiv(tensor: Tensor, a1: float | int | Tensor, a2: Tensor, a3: Tensor | None = None) -> Tensor:
-    """Returns ``tensor + a1 / a2`` or, given ``a3``, ``tensor + a1 * (a2 / a3)``, out of place (higher's helper)."""
-    return tensor + a1 / a2 if a3 is None else tensor + a1 * (a2 / a3)
-
-
-def _addcmul(tensor: Tensor, a1: float | int | Tensor, a2: Tensor, a3: Tensor | None = None) -> Tensor:
-    """Returns ``tensor + a1 * a2`` or, given ``a3``, ``tensor + a1 * a2 * a3``, out of place (higher's helper)."""
-    return tensor + a1 * a2 if a3 is None else tensor + a1 * a2 * a3
-
-
-def _get_mask_closure(mask: Tensor) -> _GradClosureType:
-    """Returns a gradient hook that zeroes the gradient where ``mask`` is True (higher's helper)."""
-
-    def closure(grad: Tensor) -> Tensor:
-        grad = torch.where(mask, torch.zeros_like(grad), grad)
-        if grad.requires_grad:
-            grad.register_hook(_get_mask_closure(mask))
-        return grad
-
-    return closure
-
-
-def _maybe_mask(tensor: Tensor, mask: Tensor) -> None:
-    """Registers :func:`_get_mask_closure` on ``tensor`` if it requires grad (higher's helper)."""
-    if tensor.requires_grad:
-        tensor.register_hook(_get_mask_closure(mask))
-

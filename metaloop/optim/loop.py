@@ -12,29 +12,34 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from metaloop.optim.rules import HParams, Rule, State, apply_rule
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["inner_loop", "inner_trajectory", "vmap_problems", "truncation_start", "straight_through"]
 
 WeightsLoss = Callable[[dict[str, Tensor]], Tensor]
 StepLoss = Callable[..., Tensor]  # loss(weights, step=index of the inner step)
+StepHParams = Mapping[str, HParams] | Sequence[Mapping[str, HParams]]  # every step's, or one mapping per step
+
+
+class LoopOptions(TypedDict, total=False):
+    """How :func:`inner_loop` and :func:`inner_trajectory` differentiate; each is described in :func:`inner_loop`."""
+
+    first_order: bool  # default False
+    create_graph: bool  # default True
+    batched: bool  # default False
+    truncate: int | None  # default None
 
 
 def inner_loop(
-    loss: WeightsLoss,
-    weights: Mapping[str, Tensor],
-    *,
-    rule: Rule,
-    hparams: Mapping[str, HParams] | Sequence[Mapping[str, HParams]],
-    steps: int,
-    first_order: bool = False,
-    create_graph: bool = True,
-    batched: bool = False,
-    truncate: int | None = None,
+    loss: WeightsLoss, weights: Mapping[str, Tensor], *, rule: Rule, hparams: StepHParams, steps: int, **options: Unpack[LoopOptions]
 ) -> dict[str, Tensor]:
     """Returns ``weights`` after ``steps`` updates of ``rule`` descending ``loss(weights)``.
 
@@ -76,10 +81,7 @@ def inner_loop(
         (tensor(0.1250),)
     """
     fast = dict(weights)
-    for fast in inner_trajectory(
-        lambda ws, step: loss(ws), weights, rule=rule, hparams=hparams, steps=steps, first_order=first_order,
-        create_graph=create_graph, batched=batched, truncate=truncate,
-    ):
+    for fast in inner_trajectory(lambda ws, step: loss(ws), weights, rule=rule, hparams=hparams, steps=steps, **options):
         pass
     return fast
 
@@ -89,7 +91,7 @@ def inner_trajectory(
     weights: Mapping[str, Tensor],
     *,
     rule: Rule,
-    hparams: Mapping[str, HParams] | Sequence[Mapping[str, HParams]],
+    hparams: StepHParams,
     steps: int,
     first_order: bool = False,
     create_graph: bool = True,

@@ -564,14 +564,20 @@ def apply_transform(transform: Callable[[Tensor], Tensor], grad: Tensor, name: s
     Raises:
         ValueError: naming ``name`` and both shapes, if the transform returns anything else.
     """
-    update = transform(grad)
+    update = check_update(transform(grad), grad, f"the transform of {name} ({type(transform).__name__})")
+    return update.to(grad.dtype)
+
+
+def check_update(update: object, grad: Tensor, source: str, gradient: str | None = None) -> Tensor:
+    """Returns ``update`` if it is a tensor shaped like ``grad``, else raises ValueError naming ``source`` and both shapes.
+
+    ``gradient`` describes the gradient in the message (default: ``"a gradient of shape (4, 3)"``).
+    """
     if not isinstance(update, Tensor) or update.shape != grad.shape:
         got = tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__
-        raise ValueError(
-            f"the transform of {name} ({type(transform).__name__}) returned {got} for a gradient of shape "
-            f"{tuple(grad.shape)}; a transform must return an update shaped like its gradient"
-        )
-    return update.to(grad.dtype)
+        gradient = gradient or f"a gradient of shape {tuple(grad.shape)}"
+        raise ValueError(f"{source} returned {got} for {gradient}; a transform must return an update shaped like its gradient")
+    return update
 
 
 def transform_step(

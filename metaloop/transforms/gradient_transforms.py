@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.nn.kronecker import KroneckerLinear, kronecker_matvec
-from metaloop.optim.rules import apply_transform
+from metaloop.optim.rules import apply_transform, check_update
 
 __all__ = [
     "TransformFactory",
@@ -86,13 +86,8 @@ class ReshapedTransform(nn.Module):
     def forward(self, grad: Tensor) -> Tensor:
         """Returns ``transform(grad.reshape(shape)).reshape(grad.shape)``."""
         x = grad.reshape(self.in_shape)
-        y = self.transform(x)
-        if not isinstance(y, Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(
-                f"{type(self.transform).__name__} returned {got} for a gradient of shape {tuple(grad.shape)} "
-                f"viewed as {self.in_shape}; it must return {self.in_shape}"
-            )
+        gradient = f"a gradient of shape {tuple(grad.shape)} viewed as {self.in_shape}"
+        y = check_update(self.transform(x), x, type(self.transform).__name__, gradient)
         return y.reshape(grad.shape)
 
 

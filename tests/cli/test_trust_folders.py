@@ -22,7 +22,7 @@ import yaml
 from cli_helpers import TINY, cli, cli_error, last_metrics
 
 from metaloop.cli import stored_config
-from metaloop.cli.runs import LOCK_NAME, lock_run_folder
+from metaloop.cli.folders import LOCK_NAME, lock_run_folder
 from metaloop.cli.stored_config import experiment_changes, hydra_value, value_overrides
 from metaloop.cli.sweep import RECORD
 from metaloop.lightning import callbacks

@@ -71,7 +71,7 @@ def test_a_yaml_alias_bomb_in_a_recipe_is_refused_before_it_expands(tmp_path):
     assert recipe.stat().st_size < 1024
     capped = textwrap.dedent(f"""
         import resource
-        import metaloop.cli, metaloop.cli.runs, metaloop.cli.schema  # the imports, before the cap
+        import metaloop.cli, metaloop.cli.folders, metaloop.cli.schema  # the imports, before the cap
         vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
         metaloop.cli.main(["fit", "--config", {str(recipe)!r}, "hydra.run.dir={tmp_path / 'run'}"])

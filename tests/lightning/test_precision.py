@@ -34,14 +34,8 @@ from metaloop.nn import PrototypicalClassifier, SVClassifier
 from metaloop.optim import get_rule
 from metaloop.optim.rules import apply_rule
 from metaloop.tasks import EpisodeSampler, Omniglot, SinusoidTasks, Task, sample_task
-from metaloop.transforms import (
-    KroneckerTransform,
-    LearnableOptimizer,
-    MetaCurvatureTransform,
-    ModuleTransform,
-    ParameterUpdate,
-    TransformOptimizer,
-)
+from metaloop.compat.learn2learn.optim.learnable_optimizer import LearnableOptimizer, ParameterUpdate
+from metaloop.transforms import KroneckerTransform, MetaCurvatureTransform, ModuleTransform, TransformOptimizer
 from metaloop.nn import KroneckerLinear
 import metaloop.lightning.precision as precision_module
 

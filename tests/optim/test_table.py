@@ -12,7 +12,6 @@ from torch import nn
 
 import metaloop
 from metaloop.optim import OPTIMIZERS, Rule, differentiable_version, register_optim
-from metaloop.optim.differentiable import _add, _addcdiv, _addcmul
 from metaloop.optim.loop import inner_loop
 from metaloop.transforms import TransformOptimizer
 
@@ -82,22 +81,3 @@ def test_a_twelfth_optimizer_is_one_rule_and_one_row():
 def test_transform_row_is_added_by_the_transforms_layer():
     assert OPTIMIZERS[TransformOptimizer] is metaloop.optim.TRANSFORM
     assert differentiable_version(TransformOptimizer) is metaloop.transforms.DifferentiableTransformOptimizer
-
-
-@pytest.mark.parametrize("value", [2.0, torch.tensor(2.0)])
-def test_highers_arithmetic_helpers(value):
-    t, a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([2.0, 8.0])
-    torch.testing.assert_close(_add(t, a), t + a)
-    torch.testing.assert_close(_add(t, value, a), t + 2 * a)
-    torch.testing.assert_close(_addcdiv(t, a, b), t + a / b)
-    torch.testing.assert_close(_addcdiv(t, value, a, b), t + 2 * a / b)
-    torch.testing.assert_close(_addcmul(t, a, b), t + a * b)
-    torch.testing.assert_close(_addcmul(t, value, a, b), t + 2 * a * b)
-    assert not t.equal(_add(t, a)) and t.tolist() == [1.0, 2.0]  # out of place
-
-
-def test_highers_type_names_are_importable():
-    from metaloop.optim import _GradCallbackType, _GroupedGradsType
-
-    assert _GroupedGradsType == list[list[torch.Tensor | None]]
-    assert "Callable" in repr(_GradCallbackType)

@@ -5,8 +5,8 @@
 ``l2l.magic_box(x)``. To run unchanged ``import learn2learn`` code, put the shim
 ``tests/compat/shims`` on ``PYTHONPATH`` or call
 ``metaloop.compat.aliases.alias_package("learn2learn", "metaloop.compat.learn2learn")``.
-The implementations live in :mod:`metaloop.transforms`, :mod:`metaloop.nn` and
-:mod:`metaloop.lightning`; ``data`` and ``vision`` are provided by their own subpackages
+The implementations live in :mod:`metaloop.transforms`, :mod:`metaloop.nn`, :mod:`metaloop.lightning`
+and, for learn2learn's edits of modules (``utils.module_updates``, ``optim.learnable_optimizer``), here; ``data`` and ``vision`` are provided by their own subpackages
 where present.
 """
 

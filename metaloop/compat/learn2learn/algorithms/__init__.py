@@ -1,7 +1,7 @@
 """learn2learn's ``learn2learn.algorithms``: ``MAML``, ``MetaSGD``, ``GBML``, ``BaseLearner`` and the Lightning modules.
 
 The algorithms wrap an ordinary module and adapt it with
-:mod:`metaloop.transforms.module_updates` (``clone_module`` / ``update_module``), so the
+:mod:`metaloop.compat.learn2learn.utils.module_updates` (``clone_module`` / ``update_module``), so the
 graph of every inner step is kept for the meta-gradient. The Lightning modules
 (``algorithms.lightning``) share their heads with :mod:`metaloop.nn`.
 """

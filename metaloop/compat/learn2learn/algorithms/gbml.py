@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.transforms.gradient_transforms import TransformFactory
-from metaloop.transforms.learnable_optimizer import ModuleSGD, ParameterUpdate
-from metaloop.transforms.module_updates import clone_module
+from metaloop.compat.learn2learn.optim.learnable_optimizer import ModuleSGD, ParameterUpdate
+from metaloop.compat.learn2learn.utils.module_updates import clone_module
 
 __all__ = ["GBML"]
 
@@ -24,7 +24,7 @@ class GBML(nn.Module):
     With ``adapt_transform`` the transforms are adapted too: from the second ``adapt`` on,
     each call first takes an SGD step on the transforms' parameters (Alpha MAML, Behl et al. 2019).
 
-    ``compute_update`` is the :class:`~metaloop.transforms.ParameterUpdate` holding the
+    ``compute_update`` is the :class:`~metaloop.compat.learn2learn.optim.ParameterUpdate` holding the
     transforms; ``clone()`` passes a differentiable copy of it (users leave it None).
     """
 

@@ -7,7 +7,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from metaloop.compat.learn2learn.algorithms.base_learner import BaseLearner, adaptation_gradients
-from metaloop.transforms.module_updates import clone_module, update_module
+from metaloop.compat.learn2learn.utils.module_updates import clone_module, update_module
 
 __all__ = ["MAML", "maml_update"]
 
@@ -17,7 +17,7 @@ def maml_update(model: nn.Module, lr: float | Tensor, grads: Sequence[Tensor | N
 
     ``grads`` holds one gradient per entry of ``model.parameters()`` (None leaves a parameter
     alone); without it, each tensor's ``.update`` attribute is applied as by
-    :func:`~metaloop.transforms.update_module`. The parameters' tensors are new (nothing is
+    :func:`~metaloop.compat.learn2learn.utils.update_module`. The parameters' tensors are new (nothing is
     modified in place), so a later loss differentiates through the step.
 
     Raises:
@@ -86,7 +86,7 @@ class MAML(BaseLearner):
         allow_unused: bool | None = None,
         allow_nograd: bool | None = None,
     ) -> MAML:
-        """Returns a ``MAML`` around a :func:`~metaloop.transforms.clone_module` copy of the module (graph kept).
+        """Returns a ``MAML`` around a :func:`~metaloop.compat.learn2learn.utils.clone_module` copy of the module (graph kept).
 
         Each argument left None takes this learner's own setting.
         """

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.compat.learn2learn.algorithms.base_learner import BaseLearner, adaptation_gradients
-from metaloop.transforms.module_updates import clone_module, update_module
+from metaloop.compat.learn2learn.utils.module_updates import clone_module, update_module
 
 __all__ = ["MetaSGD", "meta_sgd_update"]
 

@@ -1,4 +1,4 @@
-"""learn2learn's ``learn2learn.optim`` (implemented in :mod:`metaloop.transforms`).
+"""learn2learn's ``learn2learn.optim``: its optimizers on ordinary modules (here) and the gradient transforms of :mod:`metaloop.transforms`.
 
 ``DifferentiableSGD`` here is learn2learn's (it updates a module in place), not
 :class:`metaloop.optim.DifferentiableSGD` (higher's).
@@ -13,8 +13,8 @@ from metaloop.compat.learn2learn.optim.transforms import (
     ModuleTransform,
     ReshapedTransform,
 )
-from metaloop.transforms.learnable_optimizer import LearnableOptimizer, ParameterUpdate
-from metaloop.transforms.learnable_optimizer import ModuleSGD as DifferentiableSGD  # learn2learn's name
+from metaloop.compat.learn2learn.optim.learnable_optimizer import LearnableOptimizer, ParameterUpdate
+from metaloop.compat.learn2learn.optim.learnable_optimizer import ModuleSGD as DifferentiableSGD  # learn2learn's name
 
 __all__ = [
     "LearnableOptimizer",

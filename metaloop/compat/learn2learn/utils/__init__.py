@@ -1,6 +1,6 @@
 """learn2learn's ``learn2learn.utils``: module and distribution cloning, the DiCE magic box, accuracy, config flattening.
 
-``clone_module``, ``update_module`` and ``detach_module`` are :mod:`metaloop.transforms.module_updates`'s;
+``clone_module``, ``update_module`` and ``detach_module`` are :mod:`~metaloop.compat.learn2learn.utils.module_updates`'s;
 ``utils.lightning`` holds ``EpisodicBatcher``.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import torch
 from torch import Tensor, nn
 
-from metaloop.transforms.module_updates import clone_module, detach_module, update_module
+from metaloop.compat.learn2learn.utils.module_updates import clone_module, detach_module, update_module
 
 __all__ = [
     "magic_box",

@@ -5,7 +5,7 @@ of its gradient and keeps each update on the graph, so the next loss also trains
 transform (meta-descent). :class:`ParameterUpdate` is the ``torch.autograd.grad``
 counterpart returning transformed updates, and :class:`ModuleSGD` applies plain
 gradient steps to a module on the graph. All edit the module with
-:mod:`metaloop.transforms.module_updates`.
+:mod:`metaloop.compat.learn2learn.utils.module_updates`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from metaloop.optim.rules import transform_step
 from metaloop.transforms.gradient_transforms import TransformFactory, apply_transform, build_transforms
-from metaloop.transforms.module_updates import _map_tensors, update_module
+from metaloop.compat.learn2learn.utils.module_updates import _map_tensors, update_module
 
 __all__ = ["LearnableOptimizer", "ParameterUpdate", "ModuleSGD"]
 
@@ -93,7 +93,7 @@ class ParameterUpdate(nn.Module):
     ``parameters`` (a list of tensors or a module, whose ``parameters()`` are used) fixes
     the parameters, and ``transform(param)`` builds one transform per parameter; a factory
     returning None leaves that gradient unchanged. The sign is the transform's: pass
-    ``[-u for u in updates]`` to :func:`~metaloop.transforms.update_module` for a descent step.
+    ``[-u for u in updates]`` to :func:`~metaloop.compat.learn2learn.utils.update_module` for a descent step.
     """
 
     def __init__(self, parameters: Iterable[Tensor] | nn.Module, transform: TransformFactory) -> None:
@@ -160,7 +160,7 @@ class ModuleSGD(nn.Module):
     learn2learn calls it ``DifferentiableSGD`` (:mod:`metaloop.compat.learn2learn` keeps that
     name); here it is ``ModuleSGD``, as ``metaloop.optim.DifferentiableSGD`` is higher's, which
     returns fast weights for a functional model. This one edits an ordinary module with
-    :func:`~metaloop.transforms.update_module`, so later losses differentiate through the step.
+    :func:`~metaloop.compat.learn2learn.utils.update_module`, so later losses differentiate through the step.
     """
 
     def __init__(self, lr: float | Tensor) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metaloop.transforms import clone_module, detach_module, update_module
+from metaloop.compat.learn2learn.utils.module_updates import clone_module, detach_module, update_module
 
 F64 = torch.float64
 

@@ -10,14 +10,9 @@ from torch import nn
 from torch.func import functional_call
 
 from metaloop.nn import KroneckerLinear
-from metaloop.transforms import (
-    KroneckerTransform,
-    LearnableOptimizer,
-    ModuleSGD,
-    ModuleTransform,
-    ParameterUpdate,
-    clone_module,
-)
+from metaloop.compat.learn2learn.optim.learnable_optimizer import LearnableOptimizer, ModuleSGD, ParameterUpdate
+from metaloop.compat.learn2learn.utils.module_updates import clone_module
+from metaloop.transforms import KroneckerTransform, ModuleTransform
 
 F64 = torch.float64
 
