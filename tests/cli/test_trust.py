@@ -20,7 +20,7 @@ import pytest
 import torch
 from cli_helpers import SMALL_EVAL, TINY, cli, cli_error, last_metrics
 
-from metaloop.cli.folders import lock_run_folder
+from metaloop.cli.runs import lock_run_folder
 
 SINE = ["--config", "maml_sinusoid.yaml", *TINY]
 
