@@ -187,7 +187,7 @@ def typed_keys(cfg: Mapping[str, Any]) -> dict[str, Key]:
     keys = {**target_keys(tree), **inner_keys(), **KEYS}
     for name, argument in _read_by_arguments(tree).items():
         key = keys.get(name)
-        if key is not None and key.optional:
+        if key is not None and key.optional and name not in KEYS:  # the command line's own keys say what they accept
             reason = f"{argument} reads it and does not accept null"
             keys[name] = dataclasses.replace(key, optional=False, hint=f"{key.hint}; {reason}" if key.hint else reason)
     return keys
