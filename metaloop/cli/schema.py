@@ -439,18 +439,18 @@ def _check_recipe_key(recipe: RecipeFile, path: tuple[str, ...], reference: dict
             line = recipe.lines.get(path[:depth])
             where = f"{recipe.path}:{line}" if line else str(recipe.path)
             name = ".".join(path[:depth])
-            if parent_found and isinstance(parent, dict) and "_target_" in parent:
-                # a constructor argument: one the target's constructors take
-                problem = _not_an_argument(parent["_target_"], path[depth - 1], name)
-                if problem:
-                    problems.append(f"{where}: {problem}")
-                return
             if parent_found and parent is None:
                 return  # a group chosen as null (scheduler: null) that the recipe fills in
             known = ", ".join(sorted(parent)) if parent_found and isinstance(parent, dict) else ""
             problems.append(f"{where}: {name} is not a configuration key" + (f" ({'.'.join(path[:depth - 1]) or 'the config'} has: {known})" if known else ""))
             return
         if isinstance(node, dict) and "_target_" in node and depth < len(path):
+            # a constructor argument: one the target's constructors take (its value is checked by check_config)
+            if path[depth] not in node:
+                line = recipe.lines.get(path[: depth + 1])
+                problem = _not_an_argument(node["_target_"], path[depth], ".".join(path[: depth + 1]))
+                if problem:
+                    problems.append(f"{f'{recipe.path}:{line}' if line else recipe.path}: {problem}")
             return
 
 
