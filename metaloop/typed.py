@@ -72,7 +72,7 @@ class Key:
 
         Examples:
             >>> Key.of(Annotated[int, AtLeast(1)])
-            Key(kind='int', minimum=1, optional=False, choices=(), hint='')
+            Key(kind='int', minimum=1, optional=False, choices=(), hint='', callable_ok=False)
             >>> Key.of(Literal["cg", "neumann"] | None).choices
             ('cg', 'neumann')
         """
