@@ -22,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-__all__ = ["AtLeast", "Hint", "REGEX", "Key", "keys_of", "check_arguments", "check_fields"]
+__all__ = [
+    "AtLeast", "Hint", "REGEX", "Key", "keys_of", "parameter_hints", "accepts_none", "constructors", "check_arguments",
+    "check_fields",
+]
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,13 @@ class Key:
         """Returns the key a type hint describes, or None for a hint with no checkable values (a module, a callable).
 
         ``X | None`` is optional; a union of a ``Literal`` and a callable (a solver given by name or as a
-        function) accepts the literal's choices, the only values a configuration can write.
+        function) accepts the literal's choices, the only values a configuration can write. A union of
+        several kinds (``int | float``, ``bool | Literal["warn"]``) is None: a hint is never read as
+        stricter than it is.
 
         Examples:
             >>> Key.of(Annotated[int, AtLeast(1)])
-            Key(kind='int', minimum=1, optional=False, choices=(), hint='')
+            Key(kind='int', minimum=1, optional=False, choices=(), hint='', callable_ok=False)
             >>> Key.of(Literal["cg", "neumann"] | None).choices
             ('cg', 'neumann')
         """
@@ -79,7 +84,12 @@ class Key:
         optional = type(None) in members
         members = [m for m in members if m is not type(None)]
         literals = [m for m in members if typing.get_origin(m) is Literal]
-        callable_ok = any(typing.get_origin(m) is collections.abc.Callable or m is collections.abc.Callable for m in members)
+        callables = [m for m in members if typing.get_origin(m) is collections.abc.Callable or m is collections.abc.Callable]
+        callable_ok = bool(callables)
+        if literals and len(literals) + len(callables) < len(members):
+            return None  # choices or another type (Lightning's `bool | Literal["warn"]`): not one checkable kind
+        if any(isinstance(c, bool) for m in literals for c in typing.get_args(m)):
+            return None  # `Literal[True, False, "all"]`: a boolean is never a choice (a choice compares by its text)
         if literals:
             key = cls("choice", choices=tuple(str(c) for m in literals for c in typing.get_args(m)), callable_ok=callable_ok)
         elif len(members) != 1 or members[0] not in _KINDS:
@@ -162,34 +172,64 @@ def keys_of(obj: type | Callable[..., Any], prefix: str = "") -> dict[str, Key]:
     ``**kwargs`` on (a subclass that declares only its own options).
     """
     keys: dict[str, Key] = {}
+    for name, hint in parameter_hints(obj).items():
+        inner = _dataclass_in(hint)
+        if inner is not None:
+            keys.update(keys_of(inner, f"{prefix}{name}."))
+        elif (key := Key.of(hint)) is not None:
+            keys[f"{prefix}{name}"] = key
+    return keys
+
+
+def parameter_hints(obj: type | Callable[..., Any]) -> dict[str, Any]:
+    """Returns the type hint of each field of a dataclass, or of each named parameter a call of ``obj`` takes.
+
+    A class's parameters are those of its :func:`constructors` (the first constructor that declares a name
+    gives its hint); parameters without a hint, or whose hints name what their module cannot see, are left out.
+    """
     if dataclasses.is_dataclass(obj):
         hints = typing.get_type_hints(obj, include_extras=True)
-        for field in dataclasses.fields(obj):
-            hint = hints[field.name]
-            inner = _dataclass_in(hint)
-            if inner is not None:
-                keys.update(keys_of(inner, f"{prefix}{field.name}."))
-            elif (key := Key.of(hint)) is not None:
-                keys[f"{prefix}{field.name}"] = key
-        return keys
-    for function in _constructors(obj):
+        return {field.name: hints[field.name] for field in dataclasses.fields(obj)}
+    found: dict[str, Any] = {}
+    for function in constructors(obj):
         try:
             hints = typing.get_type_hints(function, include_extras=True)
         except (NameError, TypeError):
             continue  # hints that name what this module cannot see: nothing to check from them
         for name, parameter in inspect.signature(function).parameters.items():
-            if name in keys or name not in hints or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                continue
-            inner = _dataclass_in(hints[name])
-            if inner is not None:
-                keys.update(keys_of(inner, f"{prefix}{name}."))
-            elif (key := Key.of(hints[name])) is not None:
-                keys[f"{prefix}{name}"] = key
-    return keys
+            if name not in found and name in hints and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                found[name] = hints[name]
+    return found
 
 
-def _constructors(obj: type | Callable[..., Any]) -> list[Callable[..., Any]]:
-    """Returns the functions whose parameters a call of ``obj`` accepts: a class's ``__init__`` along its bases."""
+def accepts_none(hint: Any) -> bool:
+    """True if a value of type hint ``hint`` may be None (``X | None``, ``Optional[X]``, ``Any``, or None itself).
+
+    Examples:
+        >>> accepts_none(Annotated[int | None, AtLeast(1)]), accepts_none(float)
+        (True, False)
+    """
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    if hint is Any or hint is None or hint is type(None):
+        return True
+    return typing.get_origin(hint) in (Union, types.UnionType) and any(accepts_none(m) for m in typing.get_args(hint))
+
+
+def constructors(obj: type | Callable[..., Any]) -> list[Callable[..., Any]]:
+    """Returns the functions whose parameters a call of ``obj`` accepts: a class's ``__init__`` along its bases.
+
+    The bases are followed while a constructor passes ``**kwargs`` on (a subclass that declares only its own
+    options); a callable that is not a class is its own constructor.
+
+    Examples:
+        >>> class Base:
+        ...     def __init__(self, steps: int) -> None: ...
+        >>> class Learner(Base):
+        ...     def __init__(self, *args, lslr: bool = True, **kwargs) -> None: ...
+        >>> [f.__qualname__ for f in constructors(Learner)]
+        ['Learner.__init__', 'Base.__init__']
+    """
     if not isinstance(obj, type):
         return [obj]
     found = []

@@ -1,8 +1,10 @@
 """The command line and configuration reference, generated from the schema and the config files.
 
-Nothing here is written twice: a key's type, range and choices come from :data:`metaloop.cli.schema.KEYS`
-(or, for the other keys, from the type of their default, as :func:`metaloop.cli.schema.check_config` checks
-them); its default and meaning from the YAML file that sets it (the value and the comment on its line);
+Nothing here is written twice: a key's type, range and choices come from :func:`metaloop.cli.schema.typed_keys`
+(the command line's own keys, :class:`~metaloop.algorithms.options.InnerOptions`' fields, and the hinted
+arguments of each option's ``_target_``, e.g. a learner's ``module.*`` options), or, for the other keys, from
+the type of their default, as :func:`metaloop.cli.schema.check_config` checks them; its default and meaning
+from the YAML file that sets it (the value and the comment on its line);
 a config group's options and what each is from the option files' header comments; the commands from
 :data:`metaloop.cli.USAGE`; the recipes from their headers. The documentation site renders
 :func:`usage_markdown`, :func:`recipes_markdown` and :func:`config_markdown` into its pages
@@ -11,6 +13,7 @@ a config group's options and what each is from the option files' header comments
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,8 @@ from typing import Any
 import yaml
 
 from metaloop.cli import USAGE, config_dir, recipe_summaries
-from metaloop.cli.schema import _SKIPPED_ROOTS, KEYS, Key, _rule_from_default
+from metaloop.cli.schema import _SKIPPED_ROOTS, KEYS, Key, _resolve, _rule_from_default, typed_keys
+from metaloop.typed import constructors, keys_of
 
 __all__ = ["Entry", "config_markdown", "file_entries", "header_comment", "recipes_markdown", "usage_markdown"]
 
@@ -150,13 +154,13 @@ def _accepted(rule: Key) -> str:
     return " ".join(parts)
 
 
-def _type_and_accepted(name: str, reference: dict[str, Any]) -> tuple[str, str]:
+def _type_and_accepted(name: str, keys: dict[str, Key], reference: dict[str, Any]) -> tuple[str, str]:
     """Returns (type, accepted values) of key ``name`` as :func:`metaloop.cli.schema.check_config` checks it.
 
-    A key outside :data:`~metaloop.cli.schema.KEYS` takes the type of its default in ``reference`` (a nested
-    dict of defaults); keys under a constructor's ``_target_`` are that constructor's arguments.
+    ``keys`` are the typed keys (:func:`~metaloop.cli.schema.typed_keys`); another key takes the type of its
+    default in ``reference`` (a nested dict of defaults), except under the groups whose keys are arguments.
     """
-    rule = KEYS.get(name)
+    rule = keys.get(name)
     if rule is not None:
         return _KIND_NAMES[rule.kind], _accepted(rule)
     path = tuple(name.split("."))
@@ -164,6 +168,31 @@ def _type_and_accepted(name: str, reference: dict[str, Any]) -> tuple[str, str]:
         return "", "the target's argument"
     rule = _rule_from_default(path, reference)
     return (_KIND_NAMES[rule.kind], "") if rule is not None else ("", "any")
+
+
+def _unset_arguments(option: _Option) -> list[tuple[str, Key, Any]]:
+    """Returns (key, its type, the constructor's default) of each typed argument of the option's ``_target_`` it does not set.
+
+    Only for metaloop's own classes (a learner's options): torch's and Lightning's are documented by them.
+    """
+    target = next((e.default for e in option.entries if e.key == f"{option.group}._target_"), None)
+    obj = _resolve(target) if isinstance(target, str) and target.startswith("metaloop.") else None
+    if obj is None:
+        return []
+    try:
+        keys = keys_of(obj, f"{option.group}.")
+        defaults = {n: p.default for f in reversed(constructors(obj)) for n, p in inspect.signature(f).parameters.items()}
+    except (ValueError, TypeError):
+        return []
+    written = {e.key for e in option.entries}
+    unset = []
+    for name, key in keys.items():
+        argument = name.removeprefix(f"{option.group}.")
+        if "." in argument or name in written:
+            continue  # a dataclass argument's fields are its own keys (module.inner.*: the inner.* keys)
+        default = defaults.get(argument, inspect.Parameter.empty)
+        unset.append((name, key, None if default is inspect.Parameter.empty else default))
+    return unset
 
 
 @dataclass(frozen=True)
@@ -222,6 +251,7 @@ def config_markdown(folder: Path | None = None) -> str:
     base = file_entries(folder / "config.yaml")
     default_options = [o for g, options in groups.items() for o in options if chosen.get(g) == o.name]
     reference = _nested(base + [e for o in default_options for e in o.entries])
+    keys = typed_keys(reference)
     out = [
         "## Keys of the base configuration",
         "",
@@ -237,14 +267,15 @@ def config_markdown(folder: Path | None = None) -> str:
         if entry.mapping:
             out.append(f"| `{entry.key}` | | | | {_cell(entry.doc)} |")
             continue
-        kind, accepted = _type_and_accepted(entry.key, reference)
+        kind, accepted = _type_and_accepted(entry.key, keys, reference)
         out.append(f"| `{entry.key}` | {kind} | {accepted} | {_code(entry.default)} | {_cell(entry.doc)} |")
     out += [
         "",
         "## Typed keys set by config groups",
         "",
-        "These keys are typed in the schema (`metaloop/cli/schema.py`) and set by the options of a config group; "
-        "*Default* is the value in the group's default option, else in the first option that sets the key.",
+        "These keys are the command line's own (`metaloop/cli/schema.py`) and set by the options of a config group; "
+        "*Default* is the value in the group's default option, else in the first option that sets the key. "
+        "The arguments of a `_target_` are typed by its constructor's hints: see each option below.",
         "",
         "| Key | Type | Accepted | Default | Set by | Description |",
         "|---|---|---|---|---|---|",
@@ -268,7 +299,9 @@ def config_markdown(folder: Path | None = None) -> str:
         "",
         "Choose an option with `GROUP=OPTION` on the command line (`model=mlp`) or in a recipe's defaults list "
         "(`- override model: mlp`); set its keys with `GROUP.KEY=VALUE`. Keys under a `_target_` are the "
-        "arguments of that class or function: any of its arguments may be set, and an unknown one is refused.",
+        "arguments of that class or function (of a class's constructors along its bases): any of its arguments "
+        "may be set (`+GROUP.KEY=VALUE` for one the option does not set), an unknown one is refused, and *Type* "
+        "and *Accepted* come from the constructor's type hints.",
         "",
     ]
     for group, options in groups.items():
@@ -283,11 +316,22 @@ def config_markdown(folder: Path | None = None) -> str:
             if option.builds_on:
                 out += ["Builds on: " + ", ".join(f"`{b}`" for b in option.builds_on) + ".", ""]
             entries = [e for e in option.entries if _shown(e)]
-            if not entries:
+            unset = _unset_arguments(option)
+            if not entries and not unset:
                 out += ["No keys.", ""]
                 continue
-            out += ["| Key | Default | Description |", "|---|---|---|"]
-            out += [f"| `{e.key}` | {'' if e.mapping else _code(e.default)} | {_cell(e.doc)} |" for e in entries]
+            option_keys = typed_keys(_nested(option.entries))
+            option_tree = _nested(option.entries)
+            out += ["| Key | Type | Accepted | Default | Description |", "|---|---|---|---|---|"]
+            for e in entries:
+                kind, accepted = ("", "") if e.mapping else _type_and_accepted(e.key, option_keys, option_tree)
+                accepted = "" if accepted in ("any", "the target's argument") else accepted
+                out.append(f"| `{e.key}` | {kind} | {accepted} | {'' if e.mapping else _code(e.default)} | {_cell(e.doc)} |")
+            for name, rule, default in unset:
+                out.append(
+                    f"| `{name}` | {_KIND_NAMES[rule.kind]} | {_accepted(rule)} | {_code(default)} | "
+                    f"the constructor's default, not set by this option (`+{name}=...`) |"
+                )
             out.append("")
     return "\n".join(out)
 

@@ -5,36 +5,48 @@
 What is checked:
 
 - the recipe files: YAML syntax (file, line and column), a defaults list that builds on ``config``,
-  and every key a recipe sets exists in the base configuration or the chosen group option (a typo such
-  as ``inner: {lrr: 5.0}`` is refused, as Hydra refuses it on the command line);
-- values: the typed keys of :data:`KEYS` (ranges and choices), and every other leaf has the type of
+  and every key a recipe sets exists in the base configuration, the chosen group option, or the
+  arguments of the ``_target_`` it sits under (a typo such as ``inner: {lrr: 5.0}`` or
+  ``module: {msl_anealing: 3}`` is refused naming file and line, as Hydra refuses it on the command line);
+- values: the typed keys of :func:`typed_keys` (ranges and choices), and every other leaf has the type of
   its default (a boolean stays a boolean: ``inner.first_order=no`` is refused, not read as true); a
   number is finite (``inner.lr=nan`` or ``inf`` is refused, in every value of a sweep too);
-- constructor arguments: a key under a ``_target_`` must be a parameter of that callable.
+- constructor arguments: a key under a ``_target_`` must be a parameter of that callable (of a class's
+  constructors along its bases, while they pass ``**kwargs`` on).
+
+A key's type, range and choices are written once, as a type hint: ``inner.*`` are the fields of
+:class:`~metaloop.algorithms.options.InnerOptions`, and the keys under a ``_target_`` (``module.*``,
+``model.*``, ...) the hinted parameters of its constructor (:func:`metaloop.typed.keys_of`), so a learner's
+new option is checked, and listed in the reference, without an edit here. :data:`KEYS` holds only the keys
+the command line itself owns, which no constructor takes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
-import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
-from metaloop.lightning.precision import ACCEPTED_PRECISIONS, MEMORY_FORMATS
-from metaloop.typed import Key
+from metaloop.lightning.precision import ACCEPTED_PRECISIONS, MemoryFormat
+from metaloop.typed import Hint, Key, accepts_none, constructors, keys_of, parameter_hints
 
-__all__ = ["ConfigError", "KEYS", "Key", "check_command_line", "check_config", "check_recipe_chain", "check_recipe_keys"]
+__all__ = [
+    "ConfigError", "KEYS", "Key", "check_command_line", "check_config", "check_recipe_chain", "check_recipe_keys",
+    "inner_keys", "target_keys", "typed_keys",
+]
 
 _HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
 _INSPECTION_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--resolve")
 _INSTANTIATE_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
-# groups whose options are plain values (not constructor arguments) and are type-checked against defaults
+# groups whose leaves are not type-checked against their defaults: Hydra's own, and those whose keys are
+# constructor arguments typed by their target's hints (a default's type says less than the hint)
 _SKIPPED_ROOTS = {"hydra", "module", "callbacks", "logger"}
 
 
@@ -46,6 +58,11 @@ def _int(minimum: int | None = None, optional: bool = False, hint: str = "") -> 
     return Key("int", minimum=minimum, optional=optional, hint=hint)
 
 
+_MEMORY_FORMAT = Annotated[MemoryFormat, Hint("channels_last is faster for conv nets on GPUs and bf16 CPUs")]
+
+#: The keys the command line owns: the run's own settings, the trainer's (stricter than Lightning's hints:
+#: the task stream is endless, float16 is refused) and the task's values, which its datamodule's
+#: constructors read through interpolation. Every other typed key is derived (:func:`typed_keys`).
 KEYS: dict[str, Key] = {
     "seed": _int(),
     "threads": _int(0, hint="0 keeps torch's default"),
@@ -54,23 +71,7 @@ KEYS: dict[str, Key] = {
     "test_after_fit": Key("bool"),
     "command": Key("choice", choices=("fit", "validate", "test")),
     "recipe": Key("str"),
-    "inner.steps": _int(0),
-    "inner.eval_steps": _int(0),
-    "inner.lr": Key("number"),
-    "inner.first_order": Key("bool"),
-    "inner.params": Key("regex", optional=True),
-    "inner.batch_tasks": Key("choice", choices=("auto", "vmap", "sequential")),
-    "inner.meta_grad": Key("choice", choices=("unrolled", "truncated", "implicit")),
-    "inner.truncate": _int(1, optional=True, hint="the inner steps backpropagated through, with inner.meta_grad=truncated"),
-    "inner.implicit.lam": Key("number", minimum=1e-12, hint="the proximal regulariser's weight, > 0"),
-    "inner.implicit.solver": Key("choice", choices=("cg", "neumann")),
-    "inner.implicit.maxiter": _int(1),
-    "inner.implicit.tol": Key("number", minimum=0),
-    "model.steps": _int(1, hint="the inner steps of the per-step BatchNorm, ${inner.steps}"),
-    "model.per_step_weights": Key("bool"),
-    "model.per_step_stats": Key("bool"),
-    "model.eval_stats": Key("choice", choices=("running", "batch"), hint="what normalises in evaluation: the step's running statistics or the batch's"),
-    "memory_format": Key("choice", choices=MEMORY_FORMATS, hint="channels_last is faster for conv nets on GPUs and bf16 CPUs"),
+    "memory_format": Key.of(_MEMORY_FORMAT),
     "trainer.precision": Key(
         "choice", choices=ACCEPTED_PRECISIONS,
         hint="auto: bf16-mixed where bfloat16 is fast, else 32-true; 16-mixed is refused: the inner loop's gradients "
@@ -101,6 +102,97 @@ KEYS: dict[str, Key] = {
     "task.download": Key("bool"),
     "task.root": Key("str", optional=True),
 }
+
+
+def inner_keys() -> dict[str, Key]:
+    """Returns the keys of the configuration's ``inner:`` node: the fields of :class:`~metaloop.algorithms.options.InnerOptions`.
+
+    Examples:
+        >>> inner_keys()["inner.steps"].check("inner.steps", -1)
+        'inner.steps=-1 is not accepted (it is below 0); use a whole number >= 0 (inner steps per task in meta-training)'
+    """
+    from metaloop.algorithms.options import InnerOptions
+
+    return keys_of(InnerOptions, "inner.")
+
+
+def _resolve(target: Any) -> Any | None:
+    """Returns the object at import path ``target`` (a class or function), or None if it cannot be imported."""
+    if not isinstance(target, str) or "${" in target:
+        return None
+    module_name, _, attr = target.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj
+
+
+def target_keys(node: Any, prefix: str = "") -> dict[str, Key]:
+    """Returns the typed keys of every ``_target_`` node in ``node``: its constructor's hinted parameters, by dotted name.
+
+    ``module: {_target_: metaloop.algorithms.MAMLPlusPlus}`` gives ``module.msl_anneal_steps`` (an int >= 0)
+    and the other keyword options of MAML++ and its bases (:func:`metaloop.typed.keys_of`).
+    """
+    keys: dict[str, Key] = {}
+    if not isinstance(node, Mapping):
+        return keys
+    obj = _resolve(node.get("_target_"))
+    if obj is not None:
+        try:
+            keys.update(keys_of(obj, prefix))
+        except (ValueError, TypeError):
+            pass  # a builtin without a signature: nothing to check from it
+    for key, value in node.items():
+        if key not in _INSTANTIATE_KEYS:
+            keys.update(target_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def _read_by_arguments(node: Any, prefix: str = "") -> dict[str, str]:
+    """Returns {key: argument} for each key that a ``_target_``'s argument reads by interpolation (``lr: ${inner.lr}``)
+    where that argument's hint does not accept null."""
+    found: dict[str, str] = {}
+    if not isinstance(node, Mapping):
+        return found
+    obj = _resolve(node.get("_target_"))
+    if obj is not None:
+        try:
+            hints = parameter_hints(obj)
+        except (ValueError, TypeError):
+            hints = {}
+        for key, value in node.items():
+            match = _INTERPOLATION.match(value) if isinstance(value, str) else None
+            if match and key in hints and not accepts_none(hints[key]):
+                found.setdefault(match.group(1), f"{prefix}{key}")
+    for key, value in node.items():
+        if key not in _INSTANTIATE_KEYS:
+            found.update({k: v for k, v in _read_by_arguments(value, f"{prefix}{key}.").items() if k not in found})
+    return found
+
+
+def typed_keys(cfg: Mapping[str, Any]) -> dict[str, Key]:
+    """Returns every typed key of the configuration ``cfg`` (composed, unresolved): :data:`KEYS`, :func:`inner_keys`
+    and the :func:`target_keys` of its ``_target_`` nodes (the command line's own :data:`KEYS` win).
+
+    A key that may be null is not when an argument that does not accept null reads it (``inner.lr``, which
+    ``inner_optim.lr: ${inner.lr}`` passes to ``torch.optim.SGD``).
+    """
+    tree = {k: v for k, v in cfg.items() if k != "hydra"}
+    keys = {**target_keys(tree), **inner_keys(), **KEYS}
+    for name, argument in _read_by_arguments(tree).items():
+        key = keys.get(name)
+        if key is not None and key.optional and name not in KEYS:  # the command line's own keys say what they accept
+            reason = f"{argument} reads it and does not accept null"
+            keys[name] = dataclasses.replace(key, optional=False, hint=f"{key.hint}; {reason}" if key.hint else reason)
+    return keys
+
+
 # the most values a recipe file may hold with its YAML aliases expanded (recipes hold a few hundred)
 MAX_YAML_VALUES = 100_000
 # leaves whose default's type does not say what they accept (Lightning takes several forms)
@@ -238,34 +330,43 @@ def _get(tree: Any, path: Sequence[str]) -> tuple[bool, Any]:
     return True, tree
 
 
-def _target_parameters(target: str) -> tuple[set[str], bool] | None:
-    """Returns (parameter names, takes **kwargs) of the callable at import path ``target``, or None if unknown."""
-    module_name, _, attr = target.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        signature = inspect.signature(obj)
-    except (ImportError, AttributeError, ValueError, TypeError):
+def _arguments(target: Any) -> tuple[list[str], bool] | None:
+    """Returns (the parameter names, whether it takes any keyword) of the callable at import path ``target``, or None if unknown.
+
+    A class's are those of its constructors along its bases, while they pass ``**kwargs`` on.
+    """
+    obj = _resolve(target)
+    if obj is None:
         return None
-    kinds = {p.kind for p in signature.parameters.values()}
-    names = {n for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    return names, inspect.Parameter.VAR_KEYWORD in kinds
+    try:
+        signatures = [inspect.signature(f) for f in constructors(obj)] or [inspect.signature(obj)]
+    except (ValueError, TypeError):
+        return None
+    names = [n for s in signatures for n, p in s.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"]
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in signatures[-1].parameters.values())
+    return list(dict.fromkeys(names)), var_keyword
+
+
+def _not_an_argument(target: Any, key: str, name: str) -> str | None:
+    """Returns the problem of setting ``key`` (named ``name`` in the message) under ``_target_: target``, or None."""
+    found = _arguments(target)
+    if found is None or key in _INSTANTIATE_KEYS:
+        return None
+    names, var_keyword = found
+    if key in names or var_keyword:
+        return None
+    accepted = ", ".join(sorted(n for n in names if n != "params"))
+    return f"{name} is not an argument of {target} (it takes: {accepted})"
 
 
 def _check_targets(node: Any, prefix: str, problems: list[str]) -> None:
     if not isinstance(node, dict):
         return
-    target = node.get("_target_")
-    if isinstance(target, str) and "${" not in target:
-        found = _target_parameters(target)
-        if found is not None:
-            names, var_keyword = found
-            unknown = [k for k in node if k not in _INSTANTIATE_KEYS and k not in names]
-            if unknown and not var_keyword:
-                accepted = ", ".join(sorted(n for n in names if n not in ("self", "params")))
-                for key in unknown:
-                    problems.append(f"{prefix}{key} is not an argument of {target} (it takes: {accepted})")
+    if "_target_" in node:
+        for key in node:
+            problem = _not_an_argument(node["_target_"], key, f"{prefix}{key}")
+            if problem:
+                problems.append(problem)
     for key, value in node.items():
         if key not in _INSTANTIATE_KEYS:
             _check_targets(value, f"{prefix}{key}.", problems)
@@ -275,7 +376,7 @@ def check_recipe_keys(recipes: Sequence[RecipeFile], reference: dict[str, Any]) 
     """Raises :class:`ConfigError` naming file and line of each key a recipe sets that ``reference`` lacks.
 
     ``reference`` is the base configuration with the recipe's own group options and no recipe values.
-    A key under a ``_target_`` is a constructor argument, checked by :func:`check_config` instead.
+    A key under a ``_target_`` must be an argument of that target (its value is checked by :func:`check_config`).
     """
     problems: list[str] = []
     for recipe in recipes:
@@ -289,15 +390,16 @@ def check_config(cfg: dict[str, Any], reference: dict[str, Any]) -> None:
     """Raises :class:`ConfigError` with every problem of the composed ``cfg`` (unresolved, as plain containers).
 
     ``reference`` is the base configuration with the same group options and no recipe values: the
-    types of the defaults.
+    types of the defaults, for the keys :func:`typed_keys` does not type.
     """
     problems: list[str] = []
+    keys = typed_keys(cfg)
     for path, value in _leaves(cfg):
         name = ".".join(path)
-        if not path or path[0] in _SKIPPED_ROOTS or _is_interpolation(value):
+        if not path or path[0] == "hydra" or _is_interpolation(value):
             continue
-        rule = KEYS.get(name)
-        if rule is None:
+        rule = keys.get(name)
+        if rule is None and path[0] not in _SKIPPED_ROOTS:
             rule = _rule_from_default(path, reference)
         if rule is not None:
             problem = rule.check(name, value)
@@ -334,17 +436,21 @@ def _check_recipe_key(recipe: RecipeFile, path: tuple[str, ...], reference: dict
         found, node = _get(reference, path[:depth])
         if not found:
             parent_found, parent = _get(reference, path[: depth - 1])
-            if parent_found and isinstance(parent, dict) and "_target_" in parent:
-                return  # a constructor argument: checked against the target's signature
-            if parent_found and parent is None:
-                return  # a group chosen as null (scheduler: null) that the recipe fills in
-            known = ", ".join(sorted(parent)) if parent_found and isinstance(parent, dict) else ""
             line = recipe.lines.get(path[:depth])
             where = f"{recipe.path}:{line}" if line else str(recipe.path)
             name = ".".join(path[:depth])
+            if parent_found and parent is None:
+                return  # a group chosen as null (scheduler: null) that the recipe fills in
+            known = ", ".join(sorted(parent)) if parent_found and isinstance(parent, dict) else ""
             problems.append(f"{where}: {name} is not a configuration key" + (f" ({'.'.join(path[:depth - 1]) or 'the config'} has: {known})" if known else ""))
             return
         if isinstance(node, dict) and "_target_" in node and depth < len(path):
+            # a constructor argument: one the target's constructors take (its value is checked by check_config)
+            if path[depth] not in node:
+                line = recipe.lines.get(path[: depth + 1])
+                problem = _not_an_argument(node["_target_"], path[depth], ".".join(path[: depth + 1]))
+                if problem:
+                    problems.append(f"{f'{recipe.path}:{line}' if line else recipe.path}: {problem}")
             return
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaloop.nn.per_step import EvalStats, PerStepBatchNorm2d
+from metaloop.nn.per_step import EvalStats, PerStepBatchNorm2d, Steps
 
 __all__ = ["conv_block", "batch_stats_norm", "Conv4", "conv4_backbone", "PerStepConv4"]
 
@@ -124,7 +124,7 @@ class PerStepConv4(nn.Module):
     def __init__(
         self,
         out_features: int,
-        steps: int,
+        steps: Steps,
         in_channels: int = 1,
         hidden: int = 64,
         image_size: int = 28,

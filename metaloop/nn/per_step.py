@@ -10,13 +10,19 @@ slots ``k`` and ``k + 1``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-EvalStats = Literal["running", "batch"]
+from metaloop.typed import AtLeast, Hint
+
+EvalStats = Annotated[
+    Literal["running", "batch"], Hint("what normalises in evaluation: the step's running statistics or the batch's")
+]
+#: the inner steps a per-step BatchNorm holds weights and statistics for (``steps + 1`` sets)
+Steps = Annotated[int, AtLeast(1), Hint("the inner steps of the per-step BatchNorm, ${inner.steps}")]
 
 __all__ = ["PerStepBatchNorm2d"]
 
@@ -49,7 +55,7 @@ class PerStepBatchNorm2d(nn.Module):
     def __init__(
         self,
         num_features: int,
-        steps: int,
+        steps: Steps,
         per_step_weights: bool = True,
         per_step_stats: bool = True,
         eval_stats: EvalStats = "running",

@@ -20,7 +20,7 @@ def module_from(overrides: list[str]):
 
 def test_defaults_are_the_unrolled_mode_with_default_implicit_options():
     module = module_from([])
-    assert (module.meta_grad, module.truncate, module.implicit) == ("unrolled", None, ImplicitOptions())
+    assert (module.inner.meta_grad, module.inner.truncate, module.inner.implicit) == ("unrolled", None, ImplicitOptions())
 
 
 @pytest.mark.parametrize("overrides, mode, truncate, implicit", [
@@ -31,7 +31,7 @@ def test_defaults_are_the_unrolled_mode_with_default_implicit_options():
 ])
 def test_meta_grad_keys_build_a_module_that_adapts(overrides, mode, truncate, implicit):
     module = module_from(overrides)
-    assert (module.meta_grad, module.truncate, module.implicit) == (mode, truncate, implicit)
+    assert (module.inner.meta_grad, module.inner.truncate, module.inner.implicit) == (mode, truncate, implicit)
     x, y = torch.linspace(-3, 3, 10)[:, None], torch.sin(torch.linspace(-3, 3, 10))[:, None]
     loss = module.outer_loss(module.adapt((x, y), steps=module.inner.steps, create_graph=True), (x, y))
     grads = torch.autograd.grad(loss, list(module.model.parameters()))
@@ -39,5 +39,5 @@ def test_meta_grad_keys_build_a_module_that_adapts(overrides, mode, truncate, im
 
 
 def test_a_bad_mode_in_the_config_names_the_value():
-    with pytest.raises(Exception, match="meta_grad='bptt' is not one of"):
+    with pytest.raises(Exception, match="meta_grad='bptt' is not accepted \\(not one of the choices\\); use one of unrolled, truncated, implicit"):
         module_from(["inner.meta_grad=bptt"])
