@@ -6,8 +6,8 @@ there: ``torch.hub.load_state_dict_from_url`` downloads a file and may unpickle 
 ``builtins.open(..., mode="w")`` truncates one. :func:`build` instantiates a configuration node only after
 :func:`check_targets` has found every target in it allowed, before anything is called:
 
-- the classes metaloop exports (``metaloop``, ``metaloop.algorithms``, ``metaloop.lightning``, ``metaloop.nn``, ``metaloop.optim``,
-  ``metaloop.tasks``, ``metaloop.transforms``), by public name and by the name of their defining module,
+- the classes metaloop exports (``metaloop``, ``metaloop.algorithms``, ``metaloop.lightning``, ``metaloop.nn``,
+  ``metaloop.optim``, ``metaloop.tasks``, ``metaloop.transforms``), by public name and by the name of their defining module,
   and the networks' former paths (``metaloop.lightning.Conv4``: ``metaloop.lightning.MOVED_TO_NN``);
 - the modules of ``torch.nn``, the optimizers of ``torch.optim`` and the schedulers of ``torch.optim.lr_scheduler``;
 - :data:`SHIPPED`: the other targets metaloop's ``configs/`` name (a model function, callbacks, the
@@ -57,7 +57,9 @@ SHIPPED = frozenset({
     "metaloop.lightning.distributed.DDPStrategy",
     "hydra_plugins.metaloop_launcher.slurm_launcher.SlurmLauncher",
 })
-_EXPORTING = ("metaloop", "metaloop.algorithms", "metaloop.lightning", "metaloop.nn", "metaloop.optim", "metaloop.tasks", "metaloop.transforms")
+_EXPORTING = (
+    "metaloop", "metaloop.algorithms", "metaloop.lightning", "metaloop.nn", "metaloop.optim", "metaloop.tasks", "metaloop.transforms"
+)
 _TORCH_FAMILIES = (("torch.nn", "torch.nn.Module"), ("torch.optim", "torch.optim.Optimizer"), ("torch.optim.lr_scheduler", "torch.optim.lr_scheduler.LRScheduler"))
 
 
