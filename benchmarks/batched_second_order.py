@@ -1,7 +1,7 @@
 """Second-order MAML on the Omniglot conv-4 (BatchNorm on batch statistics): vmapped with exact BatchNorm vs task by task.
 
 ``OMP_NUM_THREADS=2 python -m benchmarks.batched_second_order [--tasks 16] [--steps 2] [--repeats 3] [--device cpu]``:
-times :meth:`~metaloop.lightning.MetaLightningModule.meta_gradient` (the body of ``training_step``) for
+times :meth:`~metaloop.algorithms.MetaLightningModule.meta_gradient` (the body of ``training_step``) for
 ``batch_tasks="sequential"`` and ``"vmap"`` in alternation (background load hits both alike), prints milliseconds
 per meta-step (median) and the ratio, and checks the two meta-gradients agree (float32, relative 1e-3).
 """
@@ -16,8 +16,7 @@ import time
 import torch
 
 from benchmarks.workloads import omniglot_workload
-from metaloop.algorithms import InnerOptions
-from metaloop.lightning import Classification, MetaLightningModule
+from metaloop.algorithms import Classification, InnerOptions, MetaLightningModule
 from metaloop.nn import Conv4
 from metaloop.tasks import Task
 

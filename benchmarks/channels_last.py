@@ -1,7 +1,7 @@
 """Channels-last vs NCHW for the Omniglot conv net's MAML meta-gradient on this machine's CPU: float32 and bf16, sequential and vmap.
 
 Run ``OMP_NUM_THREADS=1 python -m benchmarks.channels_last`` (a few minutes; ``--tasks`` and
-``--repeats`` to change). Each configuration builds a :class:`~metaloop.lightning.MetaLightningModule`
+``--repeats`` to change). Each configuration builds a :class:`~metaloop.algorithms.MetaLightningModule`
 with ``memory_format`` set and times its ``meta_gradient`` (the body of ``training_step``), under
 ``torch.autocast("cpu", torch.bfloat16)`` for bf16; configurations alternate (round robin) so
 background load affects all alike, and the median is reported as milliseconds per task. The vmap
@@ -20,8 +20,7 @@ import time
 import torch
 
 from benchmarks.workloads import omniglot_workload
-from metaloop.algorithms import InnerOptions
-from metaloop.lightning import Classification, MetaLightningModule
+from metaloop.algorithms import Classification, InnerOptions, MetaLightningModule
 from metaloop.lightning.precision import bf16_fast
 from metaloop.tasks import Task
 

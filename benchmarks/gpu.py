@@ -7,7 +7,7 @@ Run ``python -m benchmarks.gpu --out DIR`` on a CUDA machine (about a minute on 
 - Omniglot conv-4 MAML, 5-way 1-shot, 15 queries, meta-batch 32, one inner SGD step (lr 0.4);
 - sinusoid MAML, 1-40-40-1 MLP, 10 + 10 points, meta-batch 25, ``inner.steps=5`` SGD (lr 0.01).
 
-Implementations: metaloop's :class:`~metaloop.lightning.MetaLightningModule` (``training_step``
+Implementations: metaloop's :class:`~metaloop.algorithms.MetaLightningModule` (``training_step``
 through a ``lightning.Trainer`` with the precision given to the Trainer, ``batch_tasks`` sequential
 and vmap), higher's ``innerloop_ctx`` (skipped if not installed) and plain PyTorch (a
 ``functional_call`` + ``autograd.grad`` task loop, and a ``torch.func.vmap`` loop), the last two under

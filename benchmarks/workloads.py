@@ -4,8 +4,8 @@ Each implementation turns a :class:`Workload` into a ``meta_step()`` closure tha
 meta-gradient (the mean query loss over tasks, after ``K`` differentiable inner steps) in
 ``model.parameters()``'s ``.grad``. All use the same model object, so their gradients can be
 compared before they are timed. The two "Lightning" rows build a real
-:class:`~metaloop.lightning.MetaLightningModule` around the model; their gradient is its
-:meth:`~metaloop.lightning.MetaLightningModule.meta_gradient`, and their time is its
+:class:`~metaloop.algorithms.MetaLightningModule` around the model; their gradient is its
+:meth:`~metaloop.algorithms.MetaLightningModule.meta_gradient`, and their time is its
 ``training_step`` run by a ``lightning.Trainer`` as ``metaloop fit`` runs it (:func:`fit_step_seconds`:
 outer step, logging and the loop included).
 """
@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import metaloop
-from learner_options import with_inner
 from metaloop.algorithms import InnerOptions
-from metaloop.lightning import Classification, MetaLightningModule, Objective, Regression
+from metaloop.algorithms import Classification, MetaLightningModule, Objective, Regression
 from metaloop.tasks import Task
 
 MetaStep = Callable[[], None]
@@ -142,10 +141,15 @@ def metaloop_ctx_impl(w: Workload, track_higher_grads: bool = True) -> MetaStep:
     return _context_impl(metaloop)(w, track_higher_grads)
 
 
-def lightning_module(w: Workload, batch_tasks: str, **options) -> MetaLightningModule:
-    """Returns the :class:`MetaLightningModule` of workload ``w`` (its model, inner optimizer, steps), as ``metaloop fit`` builds it."""
-    inner = torch.optim.SGD if w.inner == "sgd" else torch.optim.Adam
-    return MetaLightningModule(w.model, w.objective, inner_optim=functools.partial(inner, lr=w.lr), outer_optim=functools.partial(torch.optim.Adam, lr=1e-3), **with_inner(options), inner=InnerOptions(steps=w.steps, batch_tasks=batch_tasks))
+def lightning_module(w: Workload, batch_tasks: str, memory_format: str = "auto", **inner_options) -> MetaLightningModule:
+    """Returns the :class:`MetaLightningModule` of workload ``w`` (its model, inner optimizer, steps), as ``metaloop fit`` builds it.
+
+    ``inner_options`` are further :class:`~metaloop.algorithms.InnerOptions` fields (``first_order=True``...).
+    """
+    rule = torch.optim.SGD if w.inner == "sgd" else torch.optim.Adam
+    inner = InnerOptions(steps=w.steps, batch_tasks=batch_tasks, **inner_options)
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    return MetaLightningModule(w.model, w.objective, inner, functools.partial(rule, lr=w.lr), adam, memory_format=memory_format)
 
 
 def fit_step_seconds(module: MetaLightningModule, batch: Task, steps: int, callbacks: list | None = None, **trainer) -> list[float]:

@@ -23,9 +23,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from metaloop.lightning import MetaLightningModule
+from metaloop.algorithms import MetaLightningModule
 from metaloop.lightning.checkpoint import load_checkpoint
-from metaloop.lightning.module import MeanWithConfidence
+from metaloop.lightning import MeanWithConfidence
 from metaloop.tasks import EpisodeSampler, Omniglot, sample_task
 from reports import REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, run_info, table, write_report
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         everything = torch.cat(list(scores.values()))
         rows.append([recipe, "all held-out", str(sum(groups.count(a) for a in scores)), str(len(everything)), percent(everything)])
         how = (
-            f"adapted with `module.adapt(support, n_ways={WAYS})` ({module.eval_inner_steps} inner steps from a zero {WAYS}-way head)"
+            f"adapted with `module.adapt(support, n_ways={WAYS})` ({module.inner.eval_steps} inner steps from a zero {WAYS}-way head)"
             if isinstance(module, MetaLightningModule) else "its head fitted on the embedded support set"
         )
         fit_min = info["timings"].get("fit", 0) / 60

@@ -70,9 +70,9 @@ class InnerOptions:
     def __post_init__(self) -> None:
         if isinstance(self.implicit, Mapping):  # a configuration's node
             object.__setattr__(self, "implicit", ImplicitOptions(**self.implicit))
+        check_fields(self)
         if self.eval_steps is None:
             object.__setattr__(self, "eval_steps", self.steps)
-        check_fields(self)
         if self.meta_grad == "truncated":
             if self.truncate is None:
                 raise ValueError("meta_grad='truncated' needs truncate=k, the number of last inner steps to backpropagate through")
