@@ -45,13 +45,9 @@ class GBML(nn.Module):
             raise TypeError(
                 f"GBML got unexpected arguments {sorted(kwargs)}; it accepts compute_update besides learn2learn's"
             )
-        self.module = module
-        self.transform = transform
+        self.module, self.transform, self.lr = module, transform, lr
         self.adapt_transform = adapt_transform
-        self.lr = lr
-        self.first_order = first_order
-        self.allow_unused = allow_unused
-        self.allow_nograd = allow_nograd
+        self.first_order, self.allow_unused, self.allow_nograd = first_order, allow_unused, allow_nograd
         self.compute_update = ParameterUpdate(module.parameters(), transform) if compute_update is None else compute_update
         self.diff_sgd = ModuleSGD(lr=lr)
         # True once the module took a step with the current transforms: only then does a loss depend on them.
