@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaloop.compat.learn2learn.algorithms.base_learner import own_settings
 from metaloop.transforms.gradient_transforms import TransformFactory
 from metaloop.compat.learn2learn.optim.learnable_optimizer import ModuleSGD, ParameterUpdate
 from metaloop.compat.learn2learn.utils.module_updates import clone_module
@@ -71,11 +72,14 @@ class GBML(nn.Module):
             module=clone_module(self.module),
             transform=self.transform,
             lr=self.lr,
-            adapt_transform=self.adapt_transform if adapt_transform is None else adapt_transform,
-            first_order=self.first_order if first_order is None else first_order,
-            allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-            allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
             compute_update=clone_module(self.compute_update),
+            **own_settings(
+                self,
+                adapt_transform=adapt_transform,
+                first_order=first_order,
+                allow_unused=allow_unused,
+                allow_nograd=allow_nograd,
+            ),
         )
 
     def adapt(
@@ -94,9 +98,9 @@ class GBML(nn.Module):
         Raises:
             ValueError: if a parameter does not require grad and ``allow_nograd`` is False.
         """
-        first_order = self.first_order if first_order is None else first_order
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        first_order, allow_unused, allow_nograd = own_settings(
+            self, first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd
+        ).values()
         second_order = not first_order
         if self.adapt_transform and self._params_updated:
             # The graph is kept: the module's step below differentiates the same loss again.
