@@ -130,6 +130,19 @@ def _resolve(target: Any) -> Any | None:
     return obj
 
 
+def _nodes(node: Any, prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Yields ``(prefix, mapping)`` for ``node`` and every mapping below it, parents first, ``prefix`` being its keys' dotted prefix.
+
+    Hydra's own keys (``_target_``, ``_args_``, ...) are not descended into.
+    """
+    if not isinstance(node, Mapping):
+        return
+    yield prefix, node
+    for key, value in node.items():
+        if key not in _INSTANTIATE_KEYS:
+            yield from _nodes(value, f"{prefix}{key}.")
+
+
 def target_keys(node: Any, prefix: str = "") -> dict[str, Key]:
     """Returns the typed keys of every ``_target_`` node in ``node``: its constructor's hinted parameters, by dotted name.
 
@@ -137,42 +150,35 @@ def target_keys(node: Any, prefix: str = "") -> dict[str, Key]:
     and the other keyword options of MAML++ and its bases (:func:`metaloop.typed.keys_of`).
     """
     keys: dict[str, Key] = {}
-    if not isinstance(node, Mapping):
-        return keys
-    obj = _resolve(node.get("_target_"))
-    if obj is not None:
-        try:
-            keys.update(keys_of(obj, prefix))
-        except (ValueError, TypeError):
-            pass  # a builtin without a signature: nothing to check from it
-    for key, value in node.items():
-        if key not in _INSTANTIATE_KEYS:
-            keys.update(target_keys(value, f"{prefix}{key}."))
+    for path, mapping in _nodes(node, prefix):
+        obj = _resolve(mapping.get("_target_"))
+        if obj is not None:
+            try:
+                keys.update(keys_of(obj, path))
+            except (ValueError, TypeError):
+                pass  # a builtin without a signature: nothing to check from it
     return keys
 
 
 _INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
 
 
-def _read_by_arguments(node: Any, prefix: str = "") -> dict[str, str]:
+def _read_by_arguments(node: Any) -> dict[str, str]:
     """Returns {key: argument} for each key that a ``_target_``'s argument reads by interpolation (``lr: ${inner.lr}``)
-    where that argument's hint does not accept null."""
+    where that argument's hint does not accept null (the first such argument, parents first)."""
     found: dict[str, str] = {}
-    if not isinstance(node, Mapping):
-        return found
-    obj = _resolve(node.get("_target_"))
-    if obj is not None:
+    for path, mapping in _nodes(node):
+        obj = _resolve(mapping.get("_target_"))
+        if obj is None:
+            continue
         try:
             hints = parameter_hints(obj)
         except (ValueError, TypeError):
             hints = {}
-        for key, value in node.items():
+        for key, value in mapping.items():
             match = _INTERPOLATION.match(value) if isinstance(value, str) else None
             if match and key in hints and not accepts_none(hints[key]):
-                found.setdefault(match.group(1), f"{prefix}{key}")
-    for key, value in node.items():
-        if key not in _INSTANTIATE_KEYS:
-            found.update({k: v for k, v in _read_by_arguments(value, f"{prefix}{key}.").items() if k not in found})
+                found.setdefault(match.group(1), f"{path}{key}")
     return found
 
 
@@ -359,17 +365,13 @@ def _not_an_argument(target: Any, key: str, name: str) -> str | None:
     return f"{name} is not an argument of {target} (it takes: {accepted})"
 
 
-def _check_targets(node: Any, prefix: str, problems: list[str]) -> None:
-    if not isinstance(node, dict):
-        return
-    if "_target_" in node:
-        for key in node:
-            problem = _not_an_argument(node["_target_"], key, f"{prefix}{key}")
-            if problem:
-                problems.append(problem)
-    for key, value in node.items():
-        if key not in _INSTANTIATE_KEYS:
-            _check_targets(value, f"{prefix}{key}.", problems)
+def _check_targets(node: Any, problems: list[str]) -> None:
+    for prefix, mapping in _nodes(node):
+        if "_target_" in mapping:
+            for key in mapping:
+                problem = _not_an_argument(mapping["_target_"], key, f"{prefix}{key}")
+                if problem:
+                    problems.append(problem)
 
 
 def check_recipe_keys(recipes: Sequence[RecipeFile], reference: dict[str, Any]) -> None:
@@ -405,7 +407,7 @@ def check_config(cfg: dict[str, Any], reference: dict[str, Any]) -> None:
             problem = rule.check(name, value)
             if problem:
                 problems.append(problem)
-    _check_targets({k: v for k, v in cfg.items() if k != "hydra"}, "", problems)
+    _check_targets({k: v for k, v in cfg.items() if k != "hydra"}, problems)
     if problems:
         raise ConfigError("; ".join(dict.fromkeys(problems)))
 

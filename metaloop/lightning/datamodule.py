@@ -79,14 +79,10 @@ class MetaDataModule(lightning.LightningDataModule):
         ]:
             if value < least:
                 raise ValueError(f"{name}={value} must be at least {least}; pass a larger value")
-        self.tasks = tasks
-        self.meta_batch_size = meta_batch_size
-        self.eval_meta_batch_size = eval_meta_batch_size
-        self.num_val_tasks = num_val_tasks
-        self.num_test_tasks = num_test_tasks
-        self.seed = seed
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.tasks, self.seed = tasks, seed
+        self.meta_batch_size, self.eval_meta_batch_size = meta_batch_size, eval_meta_batch_size
+        self.num_val_tasks, self.num_test_tasks = num_val_tasks, num_test_tasks
+        self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def _rank(self) -> tuple[int, int]:
         """Returns (global rank, world size) of the attached trainer; (0, 1) without one."""

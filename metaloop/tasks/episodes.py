@@ -153,12 +153,9 @@ class TaskStream(IterableDataset[Task]):
         start: int = 0,
     ) -> None:
         _check_positive(meta_batch_size=meta_batch_size)
-        self.source = source
-        self.split = split
+        self.source, self.split, self.seed = source, split, seed
         self.meta_batch_size = meta_batch_size
-        self.seed = seed
-        self.stream = stream
-        self.start = start
+        self.stream, self.start = stream, start
 
     def __iter__(self) -> Iterator[Task]:
         worker, workers = _worker_shard()
@@ -193,11 +190,8 @@ class TaskList(IterableDataset[Task]):
         _check_positive(num_tasks=num_tasks, meta_batch_size=meta_batch_size, world_size=world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside 0..{world_size - 1} for world_size={world_size}; pass a rank below it")
-        self.source = source
-        self.split = split
-        self.num_tasks = num_tasks
-        self.meta_batch_size = meta_batch_size
-        self.seed = seed
+        self.source, self.split, self.seed = source, split, seed
+        self.num_tasks, self.meta_batch_size = num_tasks, meta_batch_size
         self.batches = range(rank, math.ceil(num_tasks / meta_batch_size), world_size)
 
     def __len__(self) -> int:

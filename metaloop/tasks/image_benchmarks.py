@@ -395,6 +395,25 @@ def _fc100_present(root: Path, split: str) -> bool:
     return (root / _fc100_files(split)[0]).exists() or (root / "fc100.zip").exists()
 
 
+def _archive_benchmark(
+    title: str, url: str, folder: str, images: str, files: list[str], read: Callable[[Path, str], SplitImages]
+) -> Benchmark:
+    """Returns a benchmark published as one archive at ``url``, extracted into ``root/<folder>/`` with its images in ``<folder>/<images>``.
+
+    ``files`` says what the reader needs, for the message when they are missing.
+    """
+    archive = f"{folder}/{url.rsplit('/', 1)[-1]}"
+    return Benchmark(
+        title,
+        lambda split: list(files),
+        f"{url} (extract it into root/{folder}/)",
+        lambda split: {archive: url},
+        read,
+        lambda root, split: (root / folder / images).is_dir(),
+        extract=True,
+    )
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "mini-imagenet": Benchmark(
         "mini-ImageNet",
@@ -429,32 +448,19 @@ BENCHMARKS: dict[str, Benchmark] = {
         _read_fc100,
         _fc100_present,
     ),
-    "cub200": Benchmark(
-        "CUB-200-2011",
-        lambda split: ["cubirds200/CUB_200_2011/images/<class>/*.jpg"],
-        "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz (extract it into root/cubirds200/)",
-        lambda split: {"cubirds200/CUB_200_2011.tgz": "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz"},
-        _read_cub,
-        lambda root, split: (root / "cubirds200" / "CUB_200_2011" / "images").is_dir(),
-        extract=True,
+    "cub200": _archive_benchmark(
+        "CUB-200-2011", "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz", "cubirds200", "CUB_200_2011/images",
+        ["cubirds200/CUB_200_2011/images/<class>/*.jpg"], _read_cub,
     ),
-    "dtd": Benchmark(
-        "Describable Textures",
-        lambda split: ["describable_textures/dtd/images/<class>/*.jpg"],
-        "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz (extract it into root/describable_textures/)",
-        lambda split: {"describable_textures/dtd-r1.0.1.tar.gz": "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"},
-        _read_dtd,
-        lambda root, split: (root / "describable_textures" / "dtd" / "images").is_dir(),
-        extract=True,
+    "dtd": _archive_benchmark(
+        "Describable Textures", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", "describable_textures", "dtd/images",
+        ["describable_textures/dtd/images/<class>/*.jpg"], _read_dtd,
     ),
-    "fgvc-aircraft": Benchmark(
-        "FGVC-Aircraft",
-        lambda split: ["fgvc_aircraft/fgvc-aircraft-2013b/data/images/*.jpg", "fgvc_aircraft/fgvc-aircraft-2013b/data/images_variant_{train,val,test}.txt"],
-        "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz (extract it into root/fgvc_aircraft/)",
-        lambda split: {"fgvc_aircraft/fgvc-aircraft-2013b.tar.gz": "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"},
+    "fgvc-aircraft": _archive_benchmark(
+        "FGVC-Aircraft", "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz", "fgvc_aircraft",
+        "fgvc-aircraft-2013b/data/images",
+        ["fgvc_aircraft/fgvc-aircraft-2013b/data/images/*.jpg", "fgvc_aircraft/fgvc-aircraft-2013b/data/images_variant_{train,val,test}.txt"],
         _read_aircraft,
-        lambda root, split: (root / "fgvc_aircraft" / "fgvc-aircraft-2013b" / "data" / "images").is_dir(),
-        extract=True,
     ),
     "vgg-flowers": Benchmark(
         "VGG Flowers 102",

@@ -34,6 +34,14 @@ class BaseLearner(nn.Module):
         return self.module(*args, **kwargs)
 
 
+def own_settings(learner: nn.Module, **overrides: bool | None) -> dict[str, bool]:
+    """Returns ``overrides`` (in their order) with each None replaced by ``learner``'s own setting of that name.
+
+    ``clone(first_order=None, ...)`` and ``adapt(loss, first_order=None, ...)`` take the learner's settings this way.
+    """
+    return {name: getattr(learner, name) if value is None else value for name, value in overrides.items()}
+
+
 def adaptation_gradients(
     loss: Tensor,
     parameters: Iterable[Tensor],

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaloop.compat.learn2learn.algorithms.base_learner import own_settings
 from metaloop.transforms.gradient_transforms import TransformFactory
 from metaloop.compat.learn2learn.optim.learnable_optimizer import ModuleSGD, ParameterUpdate
 from metaloop.compat.learn2learn.utils.module_updates import clone_module
@@ -45,13 +46,9 @@ class GBML(nn.Module):
             raise TypeError(
                 f"GBML got unexpected arguments {sorted(kwargs)}; it accepts compute_update besides learn2learn's"
             )
-        self.module = module
-        self.transform = transform
+        self.module, self.transform, self.lr = module, transform, lr
         self.adapt_transform = adapt_transform
-        self.lr = lr
-        self.first_order = first_order
-        self.allow_unused = allow_unused
-        self.allow_nograd = allow_nograd
+        self.first_order, self.allow_unused, self.allow_nograd = first_order, allow_unused, allow_nograd
         self.compute_update = ParameterUpdate(module.parameters(), transform) if compute_update is None else compute_update
         self.diff_sgd = ModuleSGD(lr=lr)
         # True once the module took a step with the current transforms: only then does a loss depend on them.
@@ -75,11 +72,14 @@ class GBML(nn.Module):
             module=clone_module(self.module),
             transform=self.transform,
             lr=self.lr,
-            adapt_transform=self.adapt_transform if adapt_transform is None else adapt_transform,
-            first_order=self.first_order if first_order is None else first_order,
-            allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-            allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
             compute_update=clone_module(self.compute_update),
+            **own_settings(
+                self,
+                adapt_transform=adapt_transform,
+                first_order=first_order,
+                allow_unused=allow_unused,
+                allow_nograd=allow_nograd,
+            ),
         )
 
     def adapt(
@@ -98,9 +98,9 @@ class GBML(nn.Module):
         Raises:
             ValueError: if a parameter does not require grad and ``allow_nograd`` is False.
         """
-        first_order = self.first_order if first_order is None else first_order
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        first_order, allow_unused, allow_nograd = own_settings(
+            self, first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd
+        ).values()
         second_order = not first_order
         if self.adapt_transform and self._params_updated:
             # The graph is kept: the module's step below differentiates the same loss again.

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from metaloop.compat.learn2learn.algorithms.base_learner import BaseLearner, adaptation_gradients
+from metaloop.compat.learn2learn.algorithms.base_learner import BaseLearner, adaptation_gradients, own_settings
 from metaloop.compat.learn2learn.utils.module_updates import clone_module, update_module
 
 __all__ = ["MAML", "maml_update"]
@@ -68,9 +68,9 @@ class MAML(BaseLearner):
             ValueError: if a parameter does not require grad (without ``allow_nograd``) or is
                 unused by ``loss`` (without ``allow_unused``).
         """
-        first_order = self.first_order if first_order is None else first_order
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        first_order, allow_unused, allow_nograd = own_settings(
+            self, first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd
+        ).values()
         grads = adaptation_gradients(
             loss,
             self.module.parameters(),
@@ -93,7 +93,5 @@ class MAML(BaseLearner):
         return MAML(
             clone_module(self.module),
             lr=self.lr,
-            first_order=self.first_order if first_order is None else first_order,
-            allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-            allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
+            **own_settings(self, first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd),
         )

@@ -37,9 +37,7 @@ class LightningANIL(LightningEpisodicModule):
     ) -> None:
         super().__init__()
         self.loss = nn.CrossEntropyLoss() if loss is None else loss
-        self._read_episode_options(
-            kwargs, {"adaptation_steps": LightningMAML.adaptation_steps, "adaptation_lr": LightningMAML.adaptation_lr}
-        )
+        self._read_episode_options(kwargs, LightningMAML._adaptation_options())
         if self.train_ways != self.test_ways:
             raise ValueError(
                 f"LightningANIL has one classifier, so train_ways={self.train_ways} must equal test_ways={self.test_ways}"

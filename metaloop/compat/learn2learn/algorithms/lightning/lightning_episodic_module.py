@@ -134,3 +134,15 @@ class LightningEpisodicModule(lightning.LightningModule, abc.ABC):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.scheduler_step, gamma=self.scheduler_decay)
         return [optimizer], [scheduler]
+
+
+def add_option_args(parent_parser: ArgumentParser, options: dict[str, Any]) -> ArgumentParser:
+    """Returns a parser with the episode and optimiser options, ``--<name>`` for each of an algorithm's ``options``, and ``--data_parallel``.
+
+    ``options`` maps each name to its default, whose type the argument takes.
+    """
+    parser = LightningEpisodicModule.add_model_specific_args(parent_parser)
+    for name, default in options.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    parser.add_argument("--data_parallel", action="store_true")
+    return parser

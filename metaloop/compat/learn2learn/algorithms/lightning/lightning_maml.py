@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from metaloop.compat.learn2learn.algorithms.lightning.lightning_episodic_module import (
     LightningEpisodicModule,
+    add_option_args,
     split_episode,
 )
 from metaloop.compat.learn2learn.algorithms.maml import MAML
@@ -31,19 +32,17 @@ class LightningMAML(LightningEpisodicModule):
     def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.loss = nn.CrossEntropyLoss() if loss is None else loss
-        self._read_episode_options(
-            kwargs, {"adaptation_steps": LightningMAML.adaptation_steps, "adaptation_lr": LightningMAML.adaptation_lr}
-        )
+        self._read_episode_options(kwargs, LightningMAML._adaptation_options())
         self.model = MAML(model, lr=self.adaptation_lr, first_order=False, allow_nograd=True)
+
+    @staticmethod
+    def _adaptation_options() -> dict[str, Any]:
+        return {"adaptation_steps": LightningMAML.adaptation_steps, "adaptation_lr": LightningMAML.adaptation_lr}
 
     @staticmethod
     def add_model_specific_args(parent_parser: ArgumentParser) -> ArgumentParser:
         """Returns a parser with the episode options plus ``--adaptation_steps`` and ``--adaptation_lr``."""
-        parser = LightningEpisodicModule.add_model_specific_args(parent_parser)
-        parser.add_argument("--adaptation_steps", type=int, default=LightningMAML.adaptation_steps)
-        parser.add_argument("--adaptation_lr", type=float, default=LightningMAML.adaptation_lr)
-        parser.add_argument("--data_parallel", action="store_true")
-        return parser
+        return add_option_args(parent_parser, LightningMAML._adaptation_options())
 
     @torch.enable_grad()
     def meta_learn(self, batch: Any, batch_idx: int, ways: int, shots: int, queries: int) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from metaloop.compat.learn2learn.algorithms.lightning.lightning_episodic_module import LightningEpisodicModule
+from metaloop.compat.learn2learn.algorithms.lightning.lightning_episodic_module import add_option_args
 from metaloop.compat.learn2learn.algorithms.lightning.lightning_protonet import LightningPrototypicalNetworks
 from metaloop.algorithms.metric import FewShotHead
 from metaloop.nn.svm import SVClassifier
@@ -28,7 +28,8 @@ class LightningMetaOptNet(LightningPrototypicalNetworks):
     def __init__(self, features: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(features, loss=loss, **kwargs)
 
-    def _head_options(self) -> dict[str, Any]:
+    @staticmethod
+    def _head_options() -> dict[str, Any]:
         return {"svm_C_reg": LightningMetaOptNet.svm_C_reg, "svm_max_iters": LightningMetaOptNet.svm_max_iters}
 
     def _make_head(self) -> FewShotHead:
@@ -37,8 +38,4 @@ class LightningMetaOptNet(LightningPrototypicalNetworks):
     @staticmethod
     def add_model_specific_args(parent_parser: ArgumentParser) -> ArgumentParser:
         """Returns a parser with the episode options plus ``--svm_C_reg`` and ``--svm_max_iters``."""
-        parser = LightningEpisodicModule.add_model_specific_args(parent_parser)
-        parser.add_argument("--svm_C_reg", type=float, default=LightningMetaOptNet.svm_C_reg)
-        parser.add_argument("--svm_max_iters", type=int, default=LightningMetaOptNet.svm_max_iters)
-        parser.add_argument("--data_parallel", action="store_true")
-        return parser
+        return add_option_args(parent_parser, LightningMetaOptNet._head_options())

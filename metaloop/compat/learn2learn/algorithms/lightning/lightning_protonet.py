@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from metaloop.compat.learn2learn.algorithms.lightning.lightning_episodic_module import (
     LightningEpisodicModule,
+    add_option_args,
     split_episode,
 )
 from metaloop.compat.learn2learn.utils import accuracy
@@ -35,7 +36,8 @@ class LightningPrototypicalNetworks(LightningEpisodicModule):
         self.features = nn.DataParallel(features) if self.data_parallel else features
         self.classifier: FewShotHead = self._make_head()
 
-    def _head_options(self) -> dict[str, Any]:
+    @staticmethod
+    def _head_options() -> dict[str, Any]:
         return {"distance_metric": LightningPrototypicalNetworks.distance_metric}
 
     def _make_head(self) -> FewShotHead:
@@ -44,10 +46,7 @@ class LightningPrototypicalNetworks(LightningEpisodicModule):
     @staticmethod
     def add_model_specific_args(parent_parser: ArgumentParser) -> ArgumentParser:
         """Returns a parser with the episode options plus ``--distance_metric``."""
-        parser = LightningEpisodicModule.add_model_specific_args(parent_parser)
-        parser.add_argument("--distance_metric", type=str, default=LightningPrototypicalNetworks.distance_metric)
-        parser.add_argument("--data_parallel", action="store_true")
-        return parser
+        return add_option_args(parent_parser, LightningPrototypicalNetworks._head_options())
 
     def meta_learn(self, batch: Any, batch_idx: int, ways: int, shots: int, queries: int) -> tuple[Tensor, Tensor]:
         """Returns the query loss and accuracy of the head fitted on the episode's support embeddings."""
