@@ -259,7 +259,7 @@ class MetaLearner(lightning.LightningModule):
             if "n_ways" in str(err):
                 raise
             raise ValueError(
-                f"{type(self.model).__name__} cannot run on the task's inputs of shape "
+                f"{type(self.model).__name__} cannot run on the task's support inputs of shape "
                 f"{tuple(task.support_x.shape)} ({str(err).splitlines()[0]}); choose a model for this task's inputs"
             ) from err
         finally:

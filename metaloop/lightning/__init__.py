@@ -33,6 +33,8 @@ _MOVED = {
     "metaloop.nn": ("Conv4", "MLP", "conv4_backbone", "ContextMLP", "FiLMConv4"),
 }
 _WHERE = {name: package for package, names in _MOVED.items() for name in names}
+#: the networks that moved to :mod:`metaloop.nn`, by former name (stored configurations may still name them here)
+MOVED_TO_NN = _MOVED["metaloop.nn"]
 
 
 def __getattr__(name: str) -> Any:

@@ -52,16 +52,17 @@ def inner_loop(
         hparams: each weight's hyperparameters (values may be tensors that require grad:
             learned learning rates, Meta-SGD's per-element rates, learned transforms); or a
             sequence of ``steps`` such mappings, the one of each step (MAML++'s per-step rates).
-        first_order: drop second-order terms (FOMAML): gradients are detached, so the outer
-            gradient is the query gradient at the adapted weights.
-        create_graph: keep the graph back to the initial weights and hyperparameters; False
-            adapts without one (evaluation): results are detached, memory stays flat in ``steps``.
-        batched: True when called under :func:`torch.func.vmap` over tasks. Under vmap a weight
-            the loss does not use gets a zero gradient rather than none (:func:`torch.func.grad`
-            cannot tell them apart), and the caller checks the model with :func:`vmap_problems`.
-        truncate: keep the graph of only the last ``truncate`` steps (truncated backpropagation;
-            memory grows with ``truncate``, not ``steps``); see :func:`truncation_start`. None
-            keeps all steps (full unroll); checked but moot when ``create_graph`` is False.
+        **options: how the loop differentiates (:class:`LoopOptions`):
+            - ``first_order``: drop second-order terms (FOMAML): gradients are detached, so the outer
+                  gradient is the query gradient at the adapted weights.
+            - ``create_graph``: keep the graph back to the initial weights and hyperparameters; False
+                  adapts without one (evaluation): results are detached, memory stays flat in ``steps``.
+            - ``batched``: True when called under :func:`torch.func.vmap` over tasks. Under vmap a weight
+                  the loss does not use gets a zero gradient rather than none (:func:`torch.func.grad`
+                  cannot tell them apart), and the caller checks the model with :func:`vmap_problems`.
+            - ``truncate``: keep the graph of only the last ``truncate`` steps (truncated backpropagation;
+                  memory grows with ``truncate``, not ``steps``); see :func:`truncation_start`. None
+                  keeps all steps (full unroll); checked but moot when ``create_graph`` is False.
 
     Raises:
         ValueError: for negative ``steps``, a ``truncate`` outside ``0..steps``, ``hparams`` that

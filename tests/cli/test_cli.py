@@ -268,5 +268,5 @@ def test_every_option_composes_with_a_recipe(group, option, capsys):
     extra = ["task.source=metaloop.tasks.SinusoidTasks"] if option == "custom" else []
     main(["fit", "--config", "maml_sinusoid.yaml", f"{group}={option}", *extra, "--cfg", "job"])
     out = capsys.readouterr().out
-    assert "module:" in out and "_target_: metaloop.lightning.MetaLightningModule" in out
+    assert "module:" in out and "_target_: metaloop.algorithms.MetaLightningModule" in out
     assert not Path("outputs").exists()

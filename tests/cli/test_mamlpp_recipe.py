@@ -66,7 +66,7 @@ def test_the_gpu_overrides_compose(capsys):
     main(["fit", "--config", "mamlpp_omniglot.yaml", "trainer=gpu", "trainer.max_time=00:00:05:00", "task.n_ways=20",
           "task.meta_batch_size=8", "--cfg", "job"])
     out = capsys.readouterr().out
-    assert "_target_: metaloop.lightning.MAMLPlusPlus" in out and "max_time: 00:00:05:00" in out
+    assert "_target_: metaloop.algorithms.MAMLPlusPlus" in out and "max_time: 00:00:05:00" in out
 
 
 @pytest.mark.slow

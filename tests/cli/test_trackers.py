@@ -111,7 +111,7 @@ def test_a_run_logs_metrics_config_learned_hyperparameters_and_results_to_an_mlf
     # the composed config (flattened) and the module's own hyperparameters
     params = run.data.params
     assert (params["recipe"], params["seed"], params["inner/lr"], params["task/k_shots"]) == ("maml_sinusoid", "0", "0.01", "10")
-    assert params["model/_target_"] == "metaloop.nn.MLP" and params["inner_steps"] == "1"
+    assert params["model/_target_"] == "metaloop.nn.MLP" and params["inner/steps"] == "1"
     # metrics: training, the learned inner learning rate at every step, validation and test
     assert {"train/loss", "val/loss_post", "test/loss_post"} <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "hp/lr")] == [0, 1]
@@ -208,7 +208,7 @@ def test_a_sweeps_jobs_log_offline_to_wandb_in_one_group(tmp_path):
         assert (run["group"], run["project"], run["exit"]) == ("sweep", "maml_sinusoid", 0)
         # the composed config, nested, and the module's own hyperparameters
         assert run["config"]["seed"] == int(seed) and run["config"]["inner"]["lr"] == 0.01
-        assert run["config"]["model"]["_target_"] == "metaloop.nn.MLP" and run["config"]["inner_steps"] == 1
+        assert run["config"]["model"]["_target_"] == "metaloop.nn.MLP" and run["config"]["inner"]["steps"] == 1
         assert len(run["history"]["hp/lr"]) == 2 and len(run["history"]["train/loss"]) == 2
         for name, value in _results(job).items():
             assert run["summary"][f"results/{name}"] == pytest.approx(value, rel=1e-6), name

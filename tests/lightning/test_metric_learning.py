@@ -86,7 +86,7 @@ def test_a_backbone_that_cannot_embed_the_task_is_reported_before_training():
     m = PrototypicalModule(conv4_backbone(in_channels=3, hidden=8, image_size=16), PrototypicalClassifier(),
                            functools.partial(torch.optim.Adam, lr=1e-3))
     data = MetaDataModule(EpisodeSampler(TinyImages(), n_ways=4, k_shots=1, k_queries=1), meta_batch_size=1, seed=0)
-    with pytest.raises(ValueError, match=r"Sequential cannot run on the task's inputs of shape \(4, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"Sequential cannot run on the task's support inputs of shape \(4, 1, 16, 16\)"):
         m.check_datamodule(data, "fit")
 
 

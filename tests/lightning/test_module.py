@@ -307,7 +307,7 @@ def test_check_task_rejects_models_and_objectives_that_do_not_fit():
     image_task = Task(*(field[0] for field in images))
     sine = sinusoid_batch(1)
     sine_task = Task(*(field[0] for field in sine))
-    with pytest.raises(ValueError, match=r"MLP cannot run on the task's inputs of shape \(5, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"MLP cannot run on the task's support inputs of shape \(5, 1, 16, 16\)"):
         sinusoid_module().check_task(image_task)
     with pytest.raises(ValueError, match=r"the task's labels are floats .* a regression task"):
         sinusoid_module(model=MLP([1, 8, 5]), objective=Classification()).check_task(sine_task)

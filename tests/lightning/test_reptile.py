@@ -135,7 +135,7 @@ def test_options_reptile_cannot_honour_are_refused():
     with pytest.raises(ValueError, match="inner_batch=0 is not accepted \\(it is below 1\\); use a whole number >= 1"):
         reptile_module(inner_batch=0)
     with pytest.raises(ValueError, match="meta_grad='truncated'.*inner.meta_grad=unrolled"):
-        reptile_module(meta_grad="truncated")
+        reptile_module(meta_grad="truncated", truncate=1)
     transforms = functools.partial(TransformOptimizer, lr=0.1, transform=MetaCurvatureTransform)
     with pytest.raises(ValueError, match="learned transform.*would never train"):
         reptile_module(inner_optim=transforms)

@@ -163,7 +163,7 @@ def test_vmapped_evaluation_equals_task_by_task():
         chunks = [r for _, r in module.over_tasks(functools.partial(module.evaluate_task, None), _omniglot_like())]
         results[batch_tasks + " eval"] = chunks
     torch.testing.assert_close(results["vmap"], results["sequential"], rtol=0, atol=1e-12)
-    for when in (0, 1):  # metrics before and after adaptation, per task
+    for when in results["vmap eval"][0]:  # metrics before and after adaptation, per task
         for key in results["vmap eval"][0][when]:
             vmapped = torch.cat([chunk[when][key] for chunk in results["vmap eval"]])
             sequential = torch.cat([chunk[when][key] for chunk in results["sequential eval"]])
