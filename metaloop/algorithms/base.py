@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
 
+from metaloop.algorithms.inner import Batching
 from metaloop.algorithms.objectives import Objective
 from metaloop.lightning.datamodule import MetaDataModule
 from metaloop.lightning.metrics import MeanWithConfidence
@@ -58,8 +59,9 @@ class MetaLearner(lightning.LightningModule):
             Trainer's device and precision (contiguous outside a Trainer).
 
     Hooks a learner implements: :meth:`adapt` (the user's interface), :meth:`meta_gradient` (training)
-    and :meth:`evaluate_task` (evaluation). It may override :meth:`choose_batching` (whether tasks are
-    vmapped on a device) and :meth:`check_task` (what a task must satisfy before any step).
+    and :meth:`evaluate_task` (evaluation). It may override :meth:`choose_batching` (how a meta-batch is
+    batched on a device), :meth:`evaluate_tasks` (a whole evaluation meta-batch at once) and
+    :meth:`check_task` (what a task must satisfy before any step).
     """
 
     #: when evaluation scores the query sets: before and after adaptation (``val/acc_pre``, ``val/acc_post``)
@@ -82,8 +84,9 @@ class MetaLearner(lightning.LightningModule):
         self.outer_optim = outer_optim
         self.scheduler = scheduler
         self.memory_format = memory_format
-        #: whether the meta-batch is adapted at once under vmap (see :meth:`over_tasks`)
-        self.batched = False
+        #: how a meta-batch is adapted: "sequential" (task by task), "vmap" (see :meth:`over_tasks`) or "fold"
+        #: (tasks folded into channels, by learners that implement it); chosen in :meth:`setup`
+        self.batching: Batching = "sequential"
         self._input_format = resolve_memory_format(memory_format, model, "cpu", "32-true")
         model.to(memory_format=self._input_format)
         self.eval_metrics = nn.ModuleDict({
@@ -145,9 +148,19 @@ class MetaLearner(lightning.LightningModule):
         """Returns one task's query metrics (scalars, keys ``objective.metric_names``) per phase of :attr:`evaluation_phases`."""
         raise NotImplementedError(f"{type(self).__name__} must implement evaluate_task(...)")
 
-    def choose_batching(self, device_type: str, precision: str) -> bool:
-        """Returns whether meta-batches are vmapped on ``device_type`` under ``precision``: never, by default."""
-        return False
+    def evaluate_tasks(self, n_ways: int | None, batch: Task) -> dict[str, dict[str, Tensor]]:
+        """Returns every task's query metrics per phase, ``(tasks,)`` each: :meth:`evaluate_task` over :meth:`over_tasks`."""
+        chunks = [result for _, result in self.over_tasks(functools.partial(self.evaluate_task, n_ways), batch)]
+        return {when: {name: torch.cat([c[when][name] for c in chunks]) for name in chunks[0][when]} for when in chunks[0]}
+
+    def choose_batching(self, device_type: str, precision: str) -> Batching:
+        """Returns how meta-batches are adapted on ``device_type`` under ``precision``: task by task, by default."""
+        return "sequential"
+
+    @property
+    def batched(self) -> bool:
+        """True when meta-batches are adapted under :func:`torch.func.vmap` (``batching == "vmap"``)."""
+        return self.batching == "vmap"
 
     # -- tasks --------------------------------------------------------------------------------
     def over_tasks(self, fn: Callable[..., Any], batch: Task) -> Iterator[tuple[bool, Any]]:
@@ -158,7 +171,7 @@ class MetaLearner(lightning.LightningModule):
         each chunk before the next is computed). Inputs take the learner's memory format.
         """
         batch = Task(*(to_memory_format(field, self._input_format) for field in batch))
-        if self.batched:
+        if self.batching == "vmap":
             # plain-operation normalization layers: PyTorch's batching rules drop second-order terms (metaloop.nn.plain_norms)
             with exact_norms():
                 result = torch.func.vmap(functools.partial(fn, batched=True))(*batch)
@@ -205,16 +218,16 @@ class MetaLearner(lightning.LightningModule):
             # tensors made under inference mode cannot enter autograd; copies made outside it can
             batch = Task(*(field.clone() for field in batch))
         n_ways = self.objective.output_size(batch.support_y)
-        chunks = [result for _, result in self.over_tasks(functools.partial(self.evaluate_task, n_ways), batch)]
-        for when in chunks[0]:
-            for name in chunks[0][when]:
+        results = self.evaluate_tasks(n_ways, batch)
+        for when, metrics in results.items():
+            for name, values in metrics.items():
                 key = f"{stage}_{name}_{when}"
                 if key not in self.eval_metrics:
                     raise KeyError(
                         f"evaluate_task returned {name!r} ({when}), which is not in objective.metric_names "
                         f"{self.objective.metric_names} x evaluation_phases {self.evaluation_phases}; add it there so that it is aggregated"
                     )
-                self.eval_metrics[key].update(torch.cat([c[when][name] for c in chunks]))
+                self.eval_metrics[key].update(values)
 
     def _log_evaluation(self, stage: str) -> None:
         for key, metric in self.eval_metrics.items():
@@ -287,7 +300,8 @@ class MetaLearner(lightning.LightningModule):
         """
         check_precision(self.trainer.precision)
         device_type, precision = self.trainer.strategy.root_device.type, str(self.trainer.precision)
-        self.batched = self.choose_batching(device_type, precision)
-        self._input_format = resolve_memory_format(self.memory_format, self.model, device_type, precision, self.batched)
+        self.batching = self.choose_batching(device_type, precision)
+        batched = self.batching != "sequential"
+        self._input_format = resolve_memory_format(self.memory_format, self.model, device_type, precision, batched)
         self.model.to(memory_format=self._input_format)
         self.check_datamodule(self.trainer.datamodule, stage)

@@ -2,7 +2,7 @@
 
 Which parameters adapt (:func:`select_adapted`), which layer is the classifier head (:func:`find_head`),
 the inner optimizer's rule and per-parameter hyperparameters (:func:`read_inner_optimizer`), learned
-hyperparameters (:func:`learned_values`), whether a meta-batch can be vmapped (:func:`choose_batching`)
+hyperparameters (:func:`learned_values`), how a meta-batch is batched (:func:`choose_batching`)
 and the head resized for another number of classes (:func:`resize_head`). They are functions, not
 methods, so that a learner's constructor calls nothing a subclass overrides.
 """
@@ -23,6 +23,7 @@ from metaloop.optim.loop import vmap_problems
 
 __all__ = [
     "AUTO_BATCHING",
+    "Batching",
     "choose_batching",
     "find_head",
     "learned_values",
@@ -33,33 +34,57 @@ __all__ = [
 
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
-# What batch_tasks="auto" picks for a model that vmap can adapt, by device type and model kind ("conv": it has a
-# 2-D convolution). Measured with benchmarks/run.py (CPU) and benchmarks/gpu.py (CUDA); devices not listed: "cpu".
-AUTO_BATCHING: dict[tuple[str, str], Literal["vmap", "sequential"]] = {
-    ("cpu", "conv"): "sequential",  # vmapped conv nets are slower on CPU (benchmarks/results/results.md)
-    ("cpu", "other"): "vmap",
-    ("cuda", "conv"): "vmap",  # first-order MAML on an H200: 41.8 meta-steps/s vmapped, 2.5 sequential (gpu_h200.md)
-    ("cuda", "other"): "vmap",
+Batching = Literal["sequential", "vmap", "fold"]
+
+# What batch_tasks="auto" picks, by device type and model kind ("conv": it has a 2-D convolution): the first path
+# of the list that is exact for the learner and model (see choose_batching). Measured with benchmarks/fit.py and
+# benchmarks/batched_second_order.py (CPU), benchmarks/gpu.py (CUDA); devices not listed: "cpu".
+AUTO_BATCHING: dict[tuple[str, str], tuple[Batching, ...]] = {
+    # second-order conv-4, meta-batch 16, 2 inner steps, 2 threads of an Intel Xeon (AMX): task by task 1828 ms,
+    # folded 2339 ms (0.78x), vmapped 4189 ms: on CPUs a conv-4's step is bound by arithmetic and memory traffic,
+    # which folding does not reduce (benchmarks/batched_second_order.py; results/results.md)
+    ("cpu", "conv"): ("sequential",),
+    # sinusoid MLP, 25 tasks, 5 inner steps, 1 thread: folded 9.0 ms, vmapped 13.3 ms, task by task 88 ms
+    ("cpu", "other"): ("fold", "vmap", "sequential"),
+    # a conv-4 on a GPU is launch-bound: first-order MAML on an H200 ran 41.8 meta-steps/s vmapped, 2.5 task by task
+    # (gpu_h200.md); folding launches 22x fewer kernels than vmap (not yet measured on a GPU: none was lent when it
+    # landed; benchmarks/gpu.py measures every path)
+    ("cuda", "conv"): ("fold", "vmap", "sequential"),
+    ("cuda", "other"): ("vmap", "fold", "sequential"),
 }
 
 
-def choose_batching(model: nn.Module, batch_tasks: str, first_order: bool, device_type: str) -> bool:
-    """Returns whether a meta-batch is adapted under vmap: ``batch_tasks`` (``"auto"``: :data:`AUTO_BATCHING`'s choice).
+def choose_batching(
+    model: nn.Module, batch_tasks: str, first_order: bool, device_type: str, fold_problems: list[str]
+) -> Batching:
+    """Returns how a meta-batch is adapted: ``batch_tasks``, or for ``"auto"`` the first exact path of :data:`AUTO_BATCHING`.
+
+    ``"vmap"``: under :func:`torch.func.vmap` with exact normalization layers; ``"fold"``: tasks folded into
+    channels (:mod:`metaloop.algorithms.folding`; ``fold_problems`` says why the learner cannot);
+    ``"sequential"``: task by task, always possible.
 
     Raises:
-        ValueError: for ``batch_tasks="vmap"`` and a model vmap cannot adapt (buffers: running statistics).
+        ValueError: for ``batch_tasks="vmap"`` or ``"fold"`` and a learner or model that path cannot adapt
+            exactly (naming why, and what to use).
     """
-    problems = vmap_problems(model, second_order=not first_order, exact_norms=True)
-    if batch_tasks == "vmap" and problems:
+    problems = {
+        "vmap": vmap_problems(model, second_order=not first_order, exact_norms=True),
+        "fold": fold_problems,
+        "sequential": [],
+    }
+    if batch_tasks in ("vmap", "fold") and problems[batch_tasks]:
+        why = problems[batch_tasks]
+        others = [b for b in ("fold", "vmap") if b != batch_tasks and not problems[b]]
         raise ValueError(
-            f"batch_tasks='vmap' cannot adapt this model: {'; '.join(problems)}; use batch_tasks='sequential'"
-            + (", or BatchNorm without running statistics (track_running_stats=False)" if "buffers" in problems[0] else "")
+            f"batch_tasks={batch_tasks!r} cannot adapt this model: {'; '.join(why)}; use batch_tasks="
+            + " or ".join(repr(b) for b in ["auto", *others, "sequential"])
+            + (", or BatchNorm without running statistics (track_running_stats=False)" if "buffers" in why[0] else "")
         )
     if batch_tasks == "auto":
         kind = "conv" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "other"
-        choice = AUTO_BATCHING.get((device_type, kind), AUTO_BATCHING[("cpu", kind)])
-        return not problems and choice == "vmap"
-    return batch_tasks == "vmap"
+        order = AUTO_BATCHING.get((device_type, kind), AUTO_BATCHING[("cpu", kind)])
+        return next(b for b in (*order, "sequential") if not problems[b])
+    return batch_tasks  # type: ignore[return-value]
 
 
 def find_head(model: nn.Module, head: str | None) -> str | None:

@@ -31,12 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaloop.algorithms import folding
 from metaloop.algorithms import inner as parts
 from metaloop.algorithms.adapted_model import AdaptedModel
 from metaloop.algorithms.base import Batch, MetaLearner, OptimizerFactory
 from metaloop.algorithms.learned import Learned
 from metaloop.algorithms.objectives import Objective
 from metaloop.algorithms.options import InnerOptions
+from metaloop.nn.folded import fold, fold_problems
 from metaloop.optim.implicit import implicit_inner_loop
 from metaloop.optim.loop import inner_trajectory
 from metaloop.tasks import Task
@@ -134,10 +136,14 @@ class MetaLightningModule(MetaLearner):
         head: the name of the classifier module, re-created for :meth:`adapt` with another ``n_ways``.
         kwargs: :class:`~metaloop.algorithms.MetaLearner`'s (``scheduler``, ``memory_format``).
 
-    Batching: ``inner.batch_tasks="vmap"`` adapts a meta-batch at once under :func:`torch.func.vmap` (one
-    backward), with normalization layers computed by plain operations (:func:`metaloop.nn.exact_norms`),
-    exact at second order; ``"sequential"`` task by task (under DDP only the last task's backward
-    synchronises); ``"auto"``: :data:`metaloop.algorithms.inner.AUTO_BATCHING` for the Trainer's device.
+    Batching: ``inner.batch_tasks="fold"`` adapts a meta-batch at once with the tasks folded into channels
+    (:mod:`metaloop.algorithms.folding`: one network call per inner step, BatchNorm's statistics per task,
+    exact at every order; for the layers of :data:`metaloop.nn.folded.FOLDABLE`, and learners that keep the
+    per-task hooks of :data:`~metaloop.algorithms.folding.FOLD_HOOKS`); ``"vmap"`` under
+    :func:`torch.func.vmap` (one backward), with normalization layers computed by plain operations
+    (:func:`metaloop.nn.exact_norms`), exact at second order; ``"sequential"`` task by task (under DDP only
+    the last task's backward synchronises); ``"auto"``: the first exact path of
+    :data:`metaloop.algorithms.inner.AUTO_BATCHING` for the Trainer's device.
 
     Precision: under ``trainer.precision="bf16-mixed"`` the inner loop's forward and backward passes run
     under bfloat16 autocast while weights, fast weights, inner optimizer state and learned hyperparameters
@@ -191,7 +197,11 @@ class MetaLightningModule(MetaLearner):
         for hp_name, spec in (learnable or {}).items():
             self.learn(hp_name, spec)
         _refuse_for_implicit(inner, self.inner_modules)
-        self.batched = parts.choose_batching(model, inner.batch_tasks, inner.first_order, "cpu")
+        # the folded network (None where it cannot fold); a learner whose hooks see one task is never folded
+        self.folded = fold(model) if not fold_problems(model) else None
+        self.batching = parts.choose_batching(
+            model, inner.batch_tasks, inner.first_order, "cpu", folding.fold_learner_problems(self, MetaLightningModule)
+        )
 
     def learn(self, hp_name: str, spec: Learned) -> None:
         """Learns inner hyperparameter ``hp_name`` as ``spec`` says (see ``learnable``); a subclass's constructor may call it.
@@ -397,6 +407,8 @@ class MetaLightningModule(MetaLearner):
         Task by task, each task's graph is freed by its backward before the next task is adapted
         (memory of one task; under DDP only the last backward all-reduces); under vmap, one backward.
         """
+        if self.batching == "fold":
+            return folding.folded_meta_gradient(self, batch)
         tasks = batch.support_x.shape[0]
         losses, per_chunk = [], []
         for last, (chunk_losses, chunk_metrics) in self.over_tasks(self.task_loss, batch):
@@ -426,5 +438,11 @@ class MetaLightningModule(MetaLearner):
             after = self.task_metrics(fmodel, (query_x, query_y))
         return {"pre": before, "post": after}
 
-    def choose_batching(self, device_type: str, precision: str) -> bool:
-        return parts.choose_batching(self.model, self.inner.batch_tasks, self.inner.first_order, device_type)
+    def evaluate_tasks(self, n_ways: int | None, batch: Task) -> dict[str, dict[str, Tensor]]:
+        if self.batching == "fold":
+            return folding.folded_evaluation(self, n_ways, batch)
+        return super().evaluate_tasks(n_ways, batch)
+
+    def choose_batching(self, device_type: str, precision: str) -> parts.Batching:
+        problems = folding.fold_learner_problems(self, MetaLightningModule)
+        return parts.choose_batching(self.model, self.inner.batch_tasks, self.inner.first_order, device_type, problems)

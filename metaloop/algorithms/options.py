@@ -19,7 +19,7 @@ from metaloop.typed import REGEX, AtLeast, Hint, check_fields
 
 __all__ = ["InnerOptions", "BatchTasks", "MetaGrad"]
 
-BatchTasks = Literal["auto", "vmap", "sequential"]
+BatchTasks = Literal["auto", "vmap", "sequential", "fold"]
 MetaGrad = Literal["unrolled", "truncated", "implicit"]
 
 
@@ -35,8 +35,11 @@ class InnerOptions:
         params: a regular expression searched in each parameter name; only matching parameters adapt
             (ANIL: ``"^head\\."``; BOIL: ``"^features\\."``). None: the learner's default (every parameter;
             CAVIA: the context parameters).
-        batch_tasks: ``"vmap"`` adapts a meta-batch at once under :func:`torch.func.vmap` (one backward),
-            ``"sequential"`` task by task (memory of one task); ``"auto"`` picks per device and model.
+        batch_tasks: ``"fold"`` adapts a meta-batch at once with the tasks folded into channels (one network
+            call per step: grouped convolutions, per-task BatchNorm statistics; :mod:`metaloop.algorithms.folding`),
+            ``"vmap"`` under :func:`torch.func.vmap` (one backward), ``"sequential"`` task by task (memory of
+            one task); ``"auto"`` picks the fastest exact one per device and model
+            (:data:`metaloop.algorithms.inner.AUTO_BATCHING`). All three give the same numbers.
         meta_grad: ``"unrolled"`` (through every inner step), ``"truncated"`` (the last ``truncate`` steps)
             or ``"implicit"`` (iMAML: the implicit function theorem on a proximal inner problem).
         truncate: the number of last inner steps backpropagated through with ``meta_grad="truncated"``.

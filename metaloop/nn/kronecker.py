@@ -73,7 +73,32 @@ def _check_dim(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be a positive int (a dimension of the tensors the map acts on)")
 
 
-class KroneckerLinear(nn.Module):
+class _KroneckerMap(nn.Module):
+    """The state every Kronecker-factored map shares: one identity-initialised square factor per mode, a zero bias
+    of the modes' shape, and the ``psd`` switch; subclasses say how a tensor is viewed and multiplied."""
+
+    def __init__(
+        self, factors: dict[str, tuple[str, int]], bias: bool, psd: bool, device: Device, dtype: torch.dtype | None
+    ) -> None:
+        # factors: attribute name -> (constructor argument, dimension), in mode order; the attribute names are
+        # learn2learn's, so its state dicts load
+        super().__init__()
+        for argument, d in factors.values():
+            _check_dim(argument, d)
+        self._factor_names = tuple(factors)
+        for name, (_, d) in factors.items():
+            setattr(self, name, _identity(d, device, dtype))
+        self.dims = tuple(d for _, d in factors.values())
+        self.bias = nn.Parameter(torch.zeros(self.dims, device=device, dtype=dtype)) if bias else None
+        self.psd = psd
+
+    def factors(self) -> tuple[Tensor, ...]:
+        """Returns the factors the map uses, in mode order (each ``F^T F`` when psd)."""
+        fs = tuple(getattr(self, name) for name in self._factor_names)
+        return tuple(_as_psd(f) for f in fs) if self.psd else fs
+
+
+class KroneckerLinear(_KroneckerMap):
     """A linear map ``X -> L X R + B`` on ``(n, m)`` matrices: the matrix ``R^T ⊗ L`` in ``n^2 + m^2`` values.
 
     (Jose et al. 2018; Arnold et al. 2019.) ``left`` (n, n) and ``right`` (m, m) start as the
@@ -86,21 +111,9 @@ class KroneckerLinear(nn.Module):
     """
 
     def __init__(
-        self,
-        n: int,
-        m: int,
-        bias: bool = True,
-        psd: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, n: int, m: int, bias: bool = True, psd: bool = False, device: Device = None, dtype: torch.dtype | None = None
     ) -> None:
-        super().__init__()
-        _check_dim("n", n)
-        _check_dim("m", m)
-        self.left = _identity(n, device, dtype)
-        self.right = _identity(m, device, dtype)
-        self.bias = nn.Parameter(torch.zeros(n, m, device=device, dtype=dtype)) if bias else None
-        self.psd = psd
+        super().__init__({"left": ("n", n), "right": ("m", m)}, bias, psd, device, dtype)
 
     @classmethod
     def kronecker_dims(cls, shape: Sequence[int]) -> tuple[int, int]:
@@ -121,15 +134,9 @@ class KroneckerLinear(nn.Module):
             )
         return (shape[0], math.prod(shape[1:]))
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """Returns the factors ``(L, R)`` the map uses (``left^T left``, ``right^T right`` when psd)."""
-        if self.psd:
-            return _as_psd(self.left), _as_psd(self.right)
-        return self.left, self.right
-
     def forward(self, x: Tensor) -> Tensor:
         """Returns ``L X R + B`` for ``x`` of shape ``(..., n, m)`` (or a column-major ``n*m`` vector)."""
-        n, m = self.left.shape[0], self.right.shape[0]
+        n, m = self.dims
         if x.dim() == 1:
             if x.numel() != n * m:
                 raise ValueError(f"{type(self).__name__}(n={n}, m={m}) got a vector of {x.numel()} entries; it needs n*m={n * m}")
@@ -144,7 +151,7 @@ class KroneckerLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class KroneckerConv2d(nn.Module):
+class KroneckerConv2d(_KroneckerMap):
     """A linear map on conv weights ``(out, in, k)`` whose matrix is ``O ⊗ I ⊗ K``, plus a bias.
 
     Three identity-initialised factors, one per mode: ``O`` (out, out) mixes output channels,
@@ -155,25 +162,12 @@ class KroneckerConv2d(nn.Module):
     """
 
     def __init__(
-        self,
-        out_channels: int,
-        in_channels: int,
-        kernel_size: int,
-        bias: bool = True,
-        psd: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        _check_dim("out_channels", out_channels)
-        _check_dim("in_channels", in_channels)
-        _check_dim("kernel_size", kernel_size)
-        self.out_factor = _identity(out_channels, device, dtype)
-        self.in_factor = _identity(in_channels, device, dtype)
-        self.kernel_factor = _identity(kernel_size, device, dtype)
-        shape = (out_channels, in_channels, kernel_size)
-        self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)) if bias else None
-        self.psd = psd
+        self, out_channels: int, in_channels: int, kernel_size: int, bias: bool = True, psd: bool = False,
+        device: Device = None, dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        factors = {"out_factor": ("out_channels", out_channels), "in_factor": ("in_channels", in_channels)}
+        factors["kernel_factor"] = ("kernel_size", kernel_size)
+        super().__init__(factors, bias, psd, device, dtype)
 
     @classmethod
     def kronecker_dims(cls, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -197,14 +191,9 @@ class KroneckerConv2d(nn.Module):
             return (shape[0], shape[1], shape[2] * shape[3])
         return (shape + (1, 1))[:3]  # type: ignore[return-value]
 
-    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the factors ``(O, I, K)`` the map uses (each ``F^T F`` when psd)."""
-        fs = (self.out_factor, self.in_factor, self.kernel_factor)
-        return tuple(_as_psd(f) for f in fs) if self.psd else fs  # type: ignore[return-value]
-
     def forward(self, x: Tensor) -> Tensor:
         """Returns ``(O ⊗ I ⊗ K) x + B`` for ``x`` of shape ``(..., out, in, k)``."""
-        dims = (self.out_factor.shape[0], self.in_factor.shape[0], self.kernel_factor.shape[0])
+        dims = self.dims
         if x.shape[-3:] != dims:
             raise ValueError(
                 f"{type(self).__name__}{dims} got input of shape {tuple(x.shape)}; its last three "

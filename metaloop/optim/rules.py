@@ -47,6 +47,11 @@ class Rule(NamedTuple):
             arguments (Rprop's ``smooth_sign``); the shells accept these as keywords.
         check: raises ``ValueError`` for hyperparameters the rule cannot use; called where
             they enter (a shell's or the Lightning module's constructor).
+        elementwise: True when each element of a parameter is updated from the same element of its
+            gradient and state alone (scalar hyperparameters, or ones shaped like the parameter), so
+            the rule gives the same numbers on tasks' weights stacked along a new leading dimension
+            (what ``batch_tasks="fold"`` runs). False, the default, for a rule that reads a whole
+            tensor (a norm, a matrix transform).
     """
 
     init: Callable[[Tensor, HParams], State]
@@ -55,6 +60,7 @@ class Rule(NamedTuple):
     foreach: Callable[[list[Tensor], list[Tensor], list[State], HParams], tuple[list[Tensor], list[State]]] | None = None
     options: tuple[str, ...] = ()
     check: Callable[[HParams], None] | None = None
+    elementwise: bool = False
 
 
 FOREACH_MAX_MEAN_NUMEL = 4096
@@ -231,7 +237,7 @@ def _sgd_foreach(
     return torch._foreach_add(params, grads, alpha=-hparams["lr"]), states
 
 
-SGD = Rule(init=_sgd_init, update=_sgd_update, scalar_state=(), foreach=_sgd_foreach)
+SGD = Rule(init=_sgd_init, update=_sgd_update, scalar_state=(), foreach=_sgd_foreach, elementwise=True)
 
 
 # -- Adam / AdamW ------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def _adam_foreach(
     return new_params, new_states
 
 
-ADAM = Rule(init=_adam_init, update=_adam_update, foreach=_adam_foreach)
+ADAM = Rule(init=_adam_init, update=_adam_update, foreach=_adam_foreach, elementwise=True)
 
 
 # -- Adamax ------------------------------------------------------------------------------
@@ -319,7 +325,7 @@ def _adamax_update(param: Tensor, grad: Tensor, state: State, hparams: HParams) 
     return new_param, {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
 
 
-ADAMAX = Rule(init=_adamax_init, update=_adamax_update)
+ADAMAX = Rule(init=_adamax_init, update=_adamax_update, elementwise=True)
 
 
 # -- Adadelta ----------------------------------------------------------------------------
@@ -343,7 +349,7 @@ def _adadelta_update(param: Tensor, grad: Tensor, state: State, hparams: HParams
     return param - delta * hparams["lr"], new_state
 
 
-ADADELTA = Rule(init=_adadelta_init, update=_adadelta_update)
+ADADELTA = Rule(init=_adadelta_init, update=_adadelta_update, elementwise=True)
 
 
 # -- Adagrad -----------------------------------------------------------------------------
@@ -365,7 +371,7 @@ def _adagrad_update(param: Tensor, grad: Tensor, state: State, hparams: HParams)
     return param - grad / std * clr, {"step": step, "sum": total}
 
 
-ADAGRAD = Rule(init=_adagrad_init, update=_adagrad_update)
+ADAGRAD = Rule(init=_adagrad_init, update=_adagrad_update, elementwise=True)
 
 
 # -- ASGD --------------------------------------------------------------------------------
@@ -396,7 +402,7 @@ def _asgd_update(param: Tensor, grad: Tensor, state: State, hparams: HParams) ->
     return param, {"step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
 
 
-ASGD = Rule(init=_asgd_init, update=_asgd_update, scalar_state=("step", "eta", "mu"))
+ASGD = Rule(init=_asgd_init, update=_asgd_update, scalar_state=("step", "eta", "mu"), elementwise=True)
 
 
 # -- RMSprop -----------------------------------------------------------------------------
@@ -434,7 +440,7 @@ def _rmsprop_update(param: Tensor, grad: Tensor, state: State, hparams: HParams)
     return param - grad / avg * hparams["lr"], new_state
 
 
-RMSPROP = Rule(init=_rmsprop_init, update=_rmsprop_update)
+RMSPROP = Rule(init=_rmsprop_init, update=_rmsprop_update, elementwise=True)
 
 
 # -- Rprop -------------------------------------------------------------------------------
@@ -478,7 +484,7 @@ def _rprop_check(hparams: HParams) -> None:
         raise ValueError(f"smooth_sign={smooth_sign} must be >= 0 (0 keeps the exact sign; tau > 0 uses tanh(g / tau))")
 
 
-RPROP = Rule(init=_rprop_init, update=_rprop_update, options=("smooth_sign",), check=_rprop_check)
+RPROP = Rule(init=_rprop_init, update=_rprop_update, options=("smooth_sign",), check=_rprop_check, elementwise=True)
 
 
 # -- NAdam -------------------------------------------------------------------------------
@@ -509,7 +515,7 @@ def _nadam_update(param: Tensor, grad: Tensor, state: State, hparams: HParams) -
     return new_param, new_state
 
 
-NADAM = Rule(init=_nadam_init, update=_nadam_update, scalar_state=("step", "mu_product"))
+NADAM = Rule(init=_nadam_init, update=_nadam_update, scalar_state=("step", "mu_product"), elementwise=True)
 
 
 # -- RAdam -------------------------------------------------------------------------------
@@ -551,7 +557,7 @@ def _radam_update(param: Tensor, grad: Tensor, state: State, hparams: HParams) -
     return param - update, new_state
 
 
-RADAM = Rule(init=_adam_init, update=_radam_update)
+RADAM = Rule(init=_adam_init, update=_radam_update, elementwise=True)
 
 
 # -- Learned transforms -------------------------------------------------------------------

@@ -281,7 +281,7 @@ def test_new_head_errors():
     ({"learnable": {"betas": Shared()}}, r"learnable names 'betas', which is not a hyperparameter of the inner optimizer"),
     ({"adapt_params": "^classifier"}, r"params='\^classifier' matches none of the model's adaptable parameters"),
     ({"inner_steps": -1}, r"steps=-1 is not accepted \(it is below 0\); use a whole number >= 0"),
-    ({"batch_tasks": "parallel"}, r"batch_tasks='parallel' is not accepted \(not one of the choices\); use one of auto, vmap, sequential"),
+    ({"batch_tasks": "parallel"}, r"batch_tasks='parallel' is not accepted \(not one of the choices\); use one of auto, vmap, sequential, fold"),
     ({"head": "features"}, r"head='features' is not an nn.Linear of the model"),
 ])
 def test_constructor_errors_name_the_value(kwargs, message):
@@ -293,12 +293,12 @@ def test_vmap_refuses_running_statistics_and_takes_second_order_batchnorm_exactl
     model = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     with pytest.raises(ValueError, match=r"batch_tasks='vmap' cannot adapt this model: it has buffers \(1.running_mean"):
         sinusoid_module(model=model, batch_tasks="vmap")
-    assert sinusoid_module(model=model).batched is False
-    assert sinusoid_module().batched is True and conv_module().batched is False
+    assert sinusoid_module(model=model).batching == "sequential"
+    assert sinusoid_module().batching == "fold" and conv_module().batching == "sequential"  # AUTO_BATCHING on CPUs
     batch_stats = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 1))
     # second order through batch statistics is exact under vmap with metaloop.nn.exact_norms (tests/nn/test_plain_norms.py)
     assert sinusoid_module(model=batch_stats, batch_tasks="vmap").batched is True
-    assert sinusoid_module(model=batch_stats).batched is True  # an MLP: vmapped on CPUs (AUTO_BATCHING)
+    assert sinusoid_module(model=batch_stats).batching == "fold"  # an MLP: folded on CPUs (AUTO_BATCHING)
     assert sinusoid_module(model=batch_stats, batch_tasks="vmap", first_order=True).batched is True
 
 

@@ -306,7 +306,7 @@ def test_vmap_over_batchnorm_under_bf16_mixed_fits_and_auto_follows_the_table(tm
         trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False,
                                     enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
         trainer.fit(module, datamodule=data)
-        assert trainer.global_step == 1 and module.batched == (batch_tasks == "vmap")  # auto: conv nets one by one on CPUs
+        assert trainer.global_step == 1 and module.batching == ("vmap" if batch_tasks == "vmap" else "sequential")  # auto: conv nets one by one on CPUs
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
 
 
@@ -317,16 +317,15 @@ def test_vmap_over_batchnorm_under_bf16_mixed_fits_and_auto_follows_the_table(tm
 def test_auto_batching_follows_the_table_for_each_device_and_stays_exact(device_type, precision, model, first_order):
     """``batch_tasks=auto`` for CPU and CUDA alike (the device type is an argument: no GPU needed to test CUDA's branch).
 
-    Conv nets go task by task on CPUs and are vmapped on CUDA (``AUTO_BATCHING``), second order and bf16-mixed included.
+    Conv nets go task by task on CPUs and are folded on CUDA (``AUTO_BATCHING``), second order and bf16-mixed included.
     """
     from metaloop.algorithms.inner import AUTO_BATCHING
 
     net = Conv4(5, hidden=8) if model == "conv4" else MLP()
     module = MetaLightningModule(net, Classification() if model == "conv4" else Regression(), InnerOptions(first_order=first_order), functools.partial(torch.optim.SGD, lr=0.1), ADAM)
-    batched = module.choose_batching(device_type, precision)
     kind = "conv" if model == "conv4" else "other"
-    # vmap is exact for all of them (plain-operation BatchNorm under vmap, metaloop.nn.exact_norms): the table decides
-    assert batched == (AUTO_BATCHING[(device_type, kind)] == "vmap")
+    # every path is exact for all of them (folding; plain-operation BatchNorm under vmap): the table's first entry
+    assert module.choose_batching(device_type, precision) == AUTO_BATCHING[(device_type, kind)][0]
 
 
 # -- learned transforms under bfloat16 autocast: float32 in, float32 out -------------------------------

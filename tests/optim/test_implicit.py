@@ -94,7 +94,10 @@ def test_meta_gradient_error_falls_as_maxiter_grows(solver):
 @pytest.mark.parametrize("name, rule_hparams", [
     ("sgd-momentum", sgd(lr=0.1, momentum=0.5)),
     ("adam", rule_and_hparams(torch.optim.Adam, lr=0.02)),
-    ("rmsprop", rule_and_hparams(torch.optim.RMSprop, lr=0.01)),
+    # eps=0.1: at a constant lr, RMSprop's step does not shrink with the gradient (g / sqrt(mean g^2)), so with a
+    # tiny eps it ends in a 2-cycle of amplitude lr/2 around the solution, and which side step 3000 lands on
+    # depended on the CPU's rounding (passed on AMD EPYC, failed on Intel Xeon); a larger eps makes it converge
+    ("rmsprop", rule_and_hparams(torch.optim.RMSprop, lr=0.01, eps=0.1)),
 ])
 def test_any_inner_rule_reaches_the_implicit_gradient(name, rule_hparams):
     data = ridge_data()
