@@ -11,8 +11,9 @@ validation and test. Two rates per run:
   for any checkout, so old and new are measured alike;
 - *including start-up*: ``N2 / T2``, the whole process.
 
-The hand-written loop samples the same tasks (the same :class:`~metaloop.tasks.TaskStream`) and
-runs the same MAML step: ``torch.func.vmap`` over tasks of ``inner.steps`` SGD steps by
+The hand-written loops run the same MAML step, drawing their tasks inline with ``torch.rand`` (what a
+user writes: the target of issue 21) or sampling the same tasks as the fit (the same
+:class:`~metaloop.tasks.TaskStream`): ``torch.func.vmap`` over tasks of ``inner.steps`` SGD steps by
 ``torch.func.grad``, one backward of the mean query loss, one Adam step.
 """
 
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,11 +77,9 @@ def fit_rates(args: list[str], short: int, long: int, repeats: int, codes: dict[
     return {name: {k: statistics.median(v) if v else float("nan") for k, v in s.items()} for name, s in samples.items()}
 
 
-def hand_written_sinusoid(steps: int, inner_steps: int = 5, presampled: bool = False, seed: int = 0) -> float:
-    """Returns meta-steps/s of a hand-written MAML loop on maml_sinusoid.yaml's tasks (one thread).
-
-    ``presampled`` draws all meta-batches before the clock starts (the loop's math alone).
-    """
+def _hand_written_maml_step(inner_steps: int, seed: int) -> Callable[[Tensor, Tensor, Tensor, Tensor], None]:
+    """Returns a hand-written MAML meta-step on the 1-40-40-1 MLP: ``torch.func.vmap`` over tasks of ``inner_steps`` SGD
+    steps (lr 0.01) by ``torch.func.grad``, second order, one backward of the mean query loss, one Adam step (lr 1e-3)."""
     torch.manual_seed(seed)
     model = MLP()
     names = [n for n, _ in model.named_parameters()]
@@ -94,21 +94,52 @@ def hand_written_sinusoid(steps: int, inner_steps: int = 5, presampled: bool = F
             params = {n: params[n] - 0.01 * g[n] for n in names}
         return nn.functional.mse_loss(functional_call(model, params, (qx,)), qy)
 
-    stream = iter(TaskStream(SinusoidTasks(10, 10), "train", 25, seed))
-    batches = [next(stream) for _ in range(steps + 1)] if presampled else None
-
-    def meta_step(i: int) -> None:
-        batch = batches[i] if batches is not None else next(stream)
+    def meta_step(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> None:
         outer.zero_grad()
         params = dict(model.named_parameters())
-        vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, *batch).mean().backward()
+        vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy).mean().backward()
         outer.step()
 
-    meta_step(0)  # warm-up
+    return meta_step
+
+
+def _rate(meta_step: Callable[[int], None], steps: int) -> float:
+    """Returns meta-steps/s of ``meta_step(1) .. meta_step(steps)``, after ``meta_step(0)`` as a warm-up."""
+    meta_step(0)
     start = time.perf_counter()
     for i in range(1, steps + 1):
         meta_step(i)
     return steps / (time.perf_counter() - start)
+
+
+def hand_written_sinusoid(steps: int, inner_steps: int = 5, presampled: bool = False, seed: int = 0) -> float:
+    """Returns meta-steps/s of a hand-written MAML loop on maml_sinusoid.yaml's tasks (one thread).
+
+    ``presampled`` draws all meta-batches before the clock starts (the loop's math alone).
+    """
+    step = _hand_written_maml_step(inner_steps, seed)
+    stream = iter(TaskStream(SinusoidTasks(10, 10), "train", 25, seed))
+    batches = [next(stream) for _ in range(steps + 1)] if presampled else None
+    return _rate(lambda i: step(*(batches[i] if batches is not None else next(stream))), steps)
+
+
+def hand_written_inline_sinusoid(steps: int, inner_steps: int = 5, seed: int = 0) -> float:
+    """Returns meta-steps/s of the loop a user writes by hand, drawing its tasks inline with ``torch.rand`` (one thread).
+
+    25 tasks of 10 support and 10 query points, amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5]; the
+    step of :func:`_hand_written_maml_step`.
+    """
+    step = _hand_written_maml_step(inner_steps, seed)
+    tasks, points = 25, 10
+
+    def meta_step(i: int) -> None:
+        amplitude = 0.1 + 4.9 * torch.rand(tasks, 1, 1)
+        phase = torch.pi * torch.rand(tasks, 1, 1)
+        x = 10 * torch.rand(tasks, 2 * points, 1) - 5
+        y = amplitude * torch.sin(x - phase)
+        step(x[:, :points], y[:, :points], x[:, points:], y[:, points:])
+
+    return _rate(meta_step, steps)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,17 +158,22 @@ def main(argv: list[str] | None = None) -> None:
     parts = args.only or ["sinusoid", "omniglot"]
     if "sinusoid" in parts:
         short, long = (50, 250) if args.quick else (200, 1200)
-        runs, hand, pre = [], [], []
+        runs, hand, pre, inline = [], [], [], []
         for _ in range(repeats):  # the hand-written loops between the fits: the same background load
             runs.append(fit_rates(SINUSOID, short, long, 1, codes))
+            inline.append(hand_written_inline_sinusoid(long - short))
             hand.append(hand_written_sinusoid(long - short))
             pre.append(hand_written_sinusoid(long - short, presampled=True))
         rates = {name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]} for name in codes}
         for name, r in rates.items():
             lines.append(f"| sinusoid inner.steps=5 | `metaloop fit` ({name}) | {r['excl']:.1f} | {r['incl']:.1f} | {r['timer']:.1f} |")
-        lines.append(f"| sinusoid inner.steps=5 | hand-written vmap loop, tasks sampled in the loop | {statistics.median(hand):.1f} | | |")
+        ratio = {name: r["timer"] / statistics.median(inline) for name, r in rates.items()}
+        lines.append(f"| sinusoid inner.steps=5 | hand-written vmap loop, tasks drawn inline with torch.rand | {statistics.median(inline):.1f} | | |")
+        lines.append(f"| sinusoid inner.steps=5 | hand-written vmap loop, tasks sampled in the loop (TaskStream) | {statistics.median(hand):.1f} | | |")
         lines.append(f"| sinusoid inner.steps=5 | hand-written vmap loop, tasks sampled beforehand | {statistics.median(pre):.1f} | | |")
         print("\n".join(lines), flush=True)
+        for name, r in ratio.items():
+            print(f"`metaloop fit` ({name}) training meta-steps/s (its own timer) / the inline hand-written loop: {r:.2f}x")
     if "omniglot" in parts:
         short, long = (1, 3) if args.quick else (2, 8)
         rates = fit_rates(OMNIGLOT, short, long, repeats, codes)

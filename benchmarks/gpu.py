@@ -8,8 +8,8 @@ Run ``python -m benchmarks.gpu --out DIR`` on a CUDA machine (about a minute on 
 - sinusoid MAML, 1-40-40-1 MLP, 10 + 10 points, meta-batch 25, ``inner.steps=5`` SGD (lr 0.01).
 
 Implementations: metaloop's :class:`~metaloop.algorithms.MetaLightningModule` (``training_step``
-through a ``lightning.Trainer`` with the precision given to the Trainer, ``batch_tasks`` sequential
-and vmap), higher's ``innerloop_ctx`` (skipped if not installed) and plain PyTorch (a
+through a ``lightning.Trainer`` with the precision given to the Trainer, ``batch_tasks`` sequential,
+vmap and fold: tasks folded into channels, ``metaloop.algorithms.folding``), higher's ``innerloop_ctx`` (skipped if not installed) and plain PyTorch (a
 ``functional_call`` + ``autograd.grad`` task loop, and a ``torch.func.vmap`` loop), the last two under
 ``torch.autocast`` for bf16. metaloop's vmap rows are second-order MAML like the others (BatchNorm
 computed with plain operations under vmap, :func:`metaloop.nn.exact_norms`, since PyTorch's own rule is
@@ -109,6 +109,7 @@ def rows_of(w: Workload, device: torch.device, steps: int) -> Iterator[dict]:
             impls: dict[str, Callable[[Workload], list[float]]] = {
                 "metaloop sequential": lambda v: metaloop_seconds(v, "sequential", device, bf16, channels_last, steps),
                 "metaloop vmap": lambda v: metaloop_seconds(v, "vmap", device, bf16, channels_last, steps),
+                "metaloop fold": lambda v: metaloop_seconds(v, "fold", device, bf16, channels_last, steps),
                 "higher": lambda v: loop_seconds(IMPLEMENTATIONS["higher"](v), v, device, bf16, steps),
                 "plain PyTorch": lambda v: loop_seconds(IMPLEMENTATIONS["plain PyTorch"](v), v, device, bf16, steps),
             }

@@ -259,9 +259,9 @@ def resolved_choices(trainer: lightning.Trainer) -> str:
     memory_format = getattr(module, "_input_format", None)
     if memory_format is not None:
         parts.append(f"memory format {'channels-last' if memory_format is torch.channels_last else 'contiguous'}")
-    batched = getattr(module, "batched", None)
-    if batched is not None:
-        parts.append(f"tasks {'vmapped' if batched else 'one by one'}")
+    batching = getattr(module, "batching", None)
+    if batching is not None:
+        parts.append("tasks " + {"vmap": "vmapped", "fold": "folded into channels"}.get(batching, "one by one"))
     return ", ".join(parts) + f" on {trainer.strategy.root_device.type}"
 
 

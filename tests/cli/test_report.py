@@ -48,8 +48,8 @@ def test_the_learning_curve_holds_every_step_and_each_validation(tmp_path, capsy
     assert "metaloop fit: unit" in out and "4 (2.00/s" in out
     assert f"{results['test/loss_post']:.4f} ± {results['test/loss_post_ci95']:.4f}" in out
     assert "learning curve" in out
-    # the host-dependent auto choices, as they were resolved (an MLP's tasks are vmapped on CPUs)
-    assert "resolved" in out and "precision 32-true" in out and "tasks vmapped" in " ".join(out.split())
+    # the host-dependent auto choices, as they were resolved (an MLP's tasks are folded on CPUs)
+    assert "resolved" in out and "precision 32-true" in out and "tasks folded into channels" in " ".join(out.split())
 
 
 def test_nothing_to_plot_writes_nothing(tmp_path):
