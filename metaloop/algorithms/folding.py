@@ -24,7 +24,9 @@ from metaloop.tasks import Task
 if TYPE_CHECKING:
     from metaloop.algorithms.maml import MetaLightningModule
 
-__all__ = ["FOLD_HOOKS", "fold_learner_problems", "folded_trajectory", "folded_meta_gradient", "folded_evaluation"]
+__all__ = [
+    "FOLD_HOOKS", "fold_learner_problems", "folded_trajectory", "folded_query_losses", "folded_meta_gradient", "folded_evaluation",
+]
 
 #: hooks a learner may not override for its meta-batches to be folded (they see one task's weights or examples)
 FOLD_HOOKS = ("model_at", "support_at", "trajectory", "adapt", "task_loss", "meta_gradient", "evaluate_task", "evaluate_tasks")
@@ -75,12 +77,14 @@ def fold_learner_problems(learner: MetaLightningModule, base: type) -> list[str]
 
 
 def folded_trajectory(
-    learner: MetaLightningModule, support: Batch, steps: int, *, n_ways: int | None = None, create_graph: bool = False
+    learner: MetaLightningModule, support: Batch, steps: int, *, n_ways: int | None = None, create_graph: bool = False,
+    functional: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
     """Returns an iterator over the stacked weights of every task after 0, 1, ..., ``steps`` inner steps on ``support``.
 
     The folded form of :meth:`~metaloop.algorithms.MetaLightningModule.trajectory` (its options: truncation,
-    per-step hyperparameters, first order); ``support`` has a leading task dimension.
+    per-step hyperparameters, first order); ``support`` has a leading task dimension. ``functional`` takes the
+    inner gradients with :func:`torch.func.grad` (inside a :mod:`torch.func` transform or :func:`torch.compile`).
     """
     tasks = support[0].shape[0]
     params, hparams = learner.initial_weights(n_ways)
@@ -94,7 +98,7 @@ def folded_trajectory(
     for weights in inner_trajectory(
         support_loss, start, rule=learner.rule, hparams=[learner.step_hparams(hparams, k) for k in range(steps)],
         steps=steps, first_order=learner.is_first_order(), create_graph=create_graph,
-        truncate=learner.inner.truncate if create_graph else None,
+        truncate=learner.inner.truncate if create_graph else None, batched=functional,
     ):
         yield {**fixed, **weights}
 
@@ -105,14 +109,24 @@ def _last(weights: Iterator[dict[str, Tensor]]) -> dict[str, Tensor]:
     return last
 
 
-def folded_meta_gradient(learner: MetaLightningModule, batch: Task) -> tuple[Tensor, dict[str, Tensor]]:
-    """Returns the meta-batch's mean query loss and metrics after adding its meta-gradient to ``.grad`` (one backward)."""
-    adapted = _last(folded_trajectory(learner, (batch.support_x, batch.support_y), learner.inner.steps, create_graph=True))
+def folded_query_losses(learner: MetaLightningModule, batch: Task, functional: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """Returns every task's query loss after ``inner.steps`` folded steps (with the graph to the initial weights and learned
+    hyperparameters), and every task's query metrics, detached."""
+    support = (batch.support_x, batch.support_y)
+    adapted = _last(folded_trajectory(learner, support, learner.inner.steps, create_graph=True, functional=functional))
     query = (batch.query_x, batch.query_y)
     outputs = learner.folded(adapted, batch.query_x)
     losses = per_task(learner.outer_loss, outputs, query)
-    with torch.no_grad():
-        metrics = per_task(learner.task_metrics, outputs.detach(), query)
+    metrics = per_task(learner.task_metrics, outputs.detach(), query)
+    return losses, {k: v.detach() for k, v in metrics.items()}
+
+
+def folded_meta_gradient(learner: MetaLightningModule, batch: Task) -> tuple[Tensor, dict[str, Tensor]]:
+    """Returns the meta-batch's mean query loss and metrics after adding its meta-gradient to ``.grad`` (one backward,
+    or the compiled meta-step where the learner has one)."""
+    if learner.compiled is not None:
+        return learner.compiled(batch)
+    losses, metrics = folded_query_losses(learner, batch)
     learner.meta_backward(losses.sum() / losses.shape[0])
     return losses.detach().mean(), {k: v.mean() for k, v in metrics.items()}
 

@@ -27,6 +27,7 @@ __all__ = [
     "choose_batching",
     "find_head",
     "learned_values",
+    "model_kind",
     "read_inner_optimizer",
     "resize_head",
     "select_adapted",
@@ -52,6 +53,11 @@ AUTO_BATCHING: dict[tuple[str, str], tuple[Batching, ...]] = {
     ("cuda", "conv"): ("fold", "vmap", "sequential"),
     ("cuda", "other"): ("vmap", "fold", "sequential"),
 }
+
+
+def model_kind(model: nn.Module) -> str:
+    """Returns the kind of model the tables of ``auto`` choices are written for: ``"conv"`` (it has a convolution) or ``"other"``."""
+    return "conv" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "other"
 
 
 def choose_batching(
@@ -81,7 +87,7 @@ def choose_batching(
             + (", or BatchNorm without running statistics (track_running_stats=False)" if "buffers" in why[0] else "")
         )
     if batch_tasks == "auto":
-        kind = "conv" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "other"
+        kind = model_kind(model)
         order = AUTO_BATCHING.get((device_type, kind), AUTO_BATCHING[("cpu", kind)])
         return next(b for b in (*order, "sequential") if not problems[b])
     return batch_tasks  # type: ignore[return-value]

@@ -35,6 +35,7 @@ from metaloop.algorithms import folding
 from metaloop.algorithms import inner as parts
 from metaloop.algorithms.adapted_model import AdaptedModel
 from metaloop.algorithms.base import Batch, MetaLearner, OptimizerFactory
+from metaloop.algorithms.compiled import CompiledMetaStep, compiled_meta_step
 from metaloop.algorithms.learned import Learned
 from metaloop.algorithms.objectives import Objective
 from metaloop.algorithms.options import InnerOptions
@@ -202,6 +203,8 @@ class MetaLightningModule(MetaLearner):
         self.batching = parts.choose_batching(
             model, inner.batch_tasks, inner.first_order, "cpu", folding.fold_learner_problems(self, MetaLightningModule)
         )
+        #: the compiled meta-step (:mod:`metaloop.algorithms.compiled`), made in :meth:`setup` where ``inner.compile`` says
+        self.compiled: CompiledMetaStep | None = None
 
     def learn(self, hp_name: str, spec: Learned) -> None:
         """Learns inner hyperparameter ``hp_name`` as ``spec`` says (see ``learnable``); a subclass's constructor may call it.
@@ -442,6 +445,11 @@ class MetaLightningModule(MetaLearner):
         if self.batching == "fold":
             return folding.folded_evaluation(self, n_ways, batch)
         return super().evaluate_tasks(n_ways, batch)
+
+    def setup(self, stage: str) -> None:
+        """As :meth:`MetaLearner.setup`, then compiles the folded meta-step where ``inner.compile`` says (:func:`compiled_meta_step`)."""
+        super().setup(stage)
+        self.compiled = compiled_meta_step(self, stage)
 
     def choose_batching(self, device_type: str, precision: str) -> parts.Batching:
         problems = folding.fold_learner_problems(self, MetaLightningModule)
