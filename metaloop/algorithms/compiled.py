@@ -1,4 +1,4 @@
-"""``inner.compile``: a folded learner's meta-step as one function, compiled by :func:`torch.compile` (inductor).
+"""``compile``: a folded learner's meta-step as one function, compiled by :func:`torch.compile` (inductor).
 
 The folded meta-step (:mod:`metaloop.algorithms.folding`) written functionally: the meta-gradient of the mean
 query loss is :func:`torch.func.grad_and_value` of a function of the learner's trainable tensors (the model's
@@ -10,7 +10,7 @@ added to ``.grad`` as the backward would add it; it equals the eager one to roun
 
 Compiling costs time once per process (and more the first time on a machine): the compiled code is cached on
 disk (``$TORCHINDUCTOR_CACHE_DIR``, by default ``~/.cache/metaloop/inductor``), so a second run of a recipe
-recompiles from the cache in seconds. :func:`compile_wins` decides ``inner.compile=None`` (auto) from measured
+recompiles from the cache in seconds. :func:`compile_wins` decides ``compile=None`` (auto) from measured
 rates: only where the run is long enough for the compile to pay for itself.
 """
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AUTO_COMPILE_STEPS", "CompiledMetaStep", "compile_wins", "compiled_meta_step"]
 
-# The shortest run (meta-steps) for which inner.compile=None compiles, by device type and model kind; kinds
+# The shortest run (meta-steps) for which module.compile=None compiles, by device type and model kind; kinds
 # not listed are never compiled by auto. Measured on 2 cores of an Intel Xeon (AMX), one thread per run:
 # `metaloop fit --config maml_sinusoid.yaml inner.steps=5 trainer.max_steps=2000` ran 57 meta-steps/s eager
 # (42 s), 90-94 compiled (96 s the first time on the machine, 53 s from the cache): compiling costs about 67 s
@@ -44,7 +44,7 @@ AUTO_COMPILE_STEPS: dict[tuple[str, str], int] = {("cpu", "other"): 10_000}
 
 
 def compile_wins(device_type: str, kind: str, max_steps: int, precision: str, world_size: int) -> bool:
-    """Returns whether ``inner.compile=None`` (auto) compiles a folded learner's meta-step for this run.
+    """Returns whether ``compile=None`` (auto) compiles a folded learner's meta-step for this run.
 
     Only single-process float32 runs whose ``max_steps`` reaches :data:`AUTO_COMPILE_STEPS` for the device
     and model kind (``"conv"``: the model has a 2-D convolution; ``"other"``).
@@ -91,16 +91,16 @@ class CompiledMetaStep:
 
 
 def compiled_meta_step(learner: MetaLightningModule, stage: str) -> CompiledMetaStep | None:
-    """Returns the compiled meta-step of ``learner`` for ``stage`` of its Trainer's run, where ``inner.compile`` says (None: eager).
+    """Returns the compiled meta-step of ``learner`` for ``stage`` of its Trainer's run, where its ``compile`` says (None: eager).
 
     Raises:
-        ValueError: for ``inner.compile=True`` where the meta-batch is not folded or the run has several processes.
+        ValueError: for ``compile=True`` where the meta-batch is not folded or the run has several processes.
     """
-    want, trainer = learner.inner.compile, learner.trainer
+    want, trainer = learner.compile_meta_step, learner.trainer
     if want and (learner.batching != "fold" or trainer.world_size > 1):
         raise ValueError(
-            f"inner.compile=true compiles the folded meta-step of one process; this run's tasks are {learner.batching!r} "
-            f"on {trainer.world_size} process(es); use inner.batch_tasks=fold on one device, or inner.compile=null"
+            f"module.compile=true compiles the folded meta-step of one process; this run's tasks are {learner.batching!r} "
+            f"on {trainer.world_size} process(es); use inner.batch_tasks=fold on one device, or module.compile=null"
         )
     device_type, precision = trainer.strategy.root_device.type, str(trainer.precision)
     auto = want is None and learner.batching == "fold" and compile_wins(

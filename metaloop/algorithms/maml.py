@@ -135,6 +135,8 @@ class MetaLightningModule(MetaLearner):
             ``{"lr": PerLayer()}``, ``{"lr": PerStep(PerLayer(), 5)}``, ``{"betas": Shared()}``. Learned values are
             ``nn.Parameter``s in :attr:`learned`; :meth:`learned_hyperparameters` exports them.
         head: the name of the classifier module, re-created for :meth:`adapt` with another ``n_ways``.
+        compile: compile the folded meta-step with :func:`torch.compile` (:mod:`metaloop.algorithms.compiled`; the
+            disk cache spares a second run the compile): True, False, or None where it wins for the run's length.
         kwargs: :class:`~metaloop.algorithms.MetaLearner`'s (``scheduler``, ``memory_format``).
 
     Batching: ``inner.batch_tasks="fold"`` adapts a meta-batch at once with the tasks folded into channels
@@ -172,11 +174,12 @@ class MetaLightningModule(MetaLearner):
         *,
         learnable: Mapping[str, Learned] | None = None,
         head: str | None = None,
+        compile: bool | None = None,
         **kwargs: Any,
     ) -> None:
         inner = InnerOptions.of(inner)
         super().__init__(model, objective, outer_optim, **kwargs)
-        self.save_hyperparameters({"inner": {k: v for k, v in vars(inner).items() if k != "implicit"}, "head": head})
+        self.save_hyperparameters({"inner": {k: v for k, v in vars(inner).items() if k != "implicit"}, "head": head, "compile": compile})
         self.inner = inner
         self.head = parts.find_head(model, head)
         self.adapted_names = parts.select_adapted(
@@ -203,7 +206,9 @@ class MetaLightningModule(MetaLearner):
         self.batching = parts.choose_batching(
             model, inner.batch_tasks, inner.first_order, "cpu", folding.fold_learner_problems(self, MetaLightningModule)
         )
-        #: the compiled meta-step (:mod:`metaloop.algorithms.compiled`), made in :meth:`setup` where ``inner.compile`` says
+        #: whether the folded meta-step is compiled (True, False; None: where it wins, :func:`~metaloop.algorithms.compiled.compile_wins`)
+        self.compile_meta_step = compile
+        #: the compiled meta-step (:mod:`metaloop.algorithms.compiled`), made in :meth:`setup` as ``compile`` says
         self.compiled: CompiledMetaStep | None = None
 
     def learn(self, hp_name: str, spec: Learned) -> None:
@@ -447,7 +452,7 @@ class MetaLightningModule(MetaLearner):
         return super().evaluate_tasks(n_ways, batch)
 
     def setup(self, stage: str) -> None:
-        """As :meth:`MetaLearner.setup`, then compiles the folded meta-step where ``inner.compile`` says (:func:`compiled_meta_step`)."""
+        """As :meth:`MetaLearner.setup`, then compiles the folded meta-step where ``compile`` says (:func:`compiled_meta_step`)."""
         super().setup(stage)
         self.compiled = compiled_meta_step(self, stage)
 

@@ -44,10 +44,6 @@ class InnerOptions:
             or ``"implicit"`` (iMAML: the implicit function theorem on a proximal inner problem).
         truncate: the number of last inner steps backpropagated through with ``meta_grad="truncated"``.
         implicit: iMAML's proximal strength and linear solver (:class:`~metaloop.optim.implicit.ImplicitOptions`).
-        compile: compile the folded meta-step with :func:`torch.compile` (inductor; :mod:`metaloop.algorithms.compiled`):
-            True compiles it, False never; None (auto) where it wins end to end for the run's length, compile time
-            included (:func:`metaloop.algorithms.compiled.compile_wins`). Compiled code is cached on disk, so a
-            second run of a recipe does not pay the compile again.
 
     Raises:
         ValueError: for a value outside its hint, a ``truncate`` outside ``1..steps`` or without
@@ -73,7 +69,6 @@ class InnerOptions:
         int | None, AtLeast(1), Hint("the inner steps backpropagated through, with inner.meta_grad=truncated")
     ] = None
     implicit: ImplicitOptions = field(default_factory=ImplicitOptions)
-    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.implicit, Mapping):  # a configuration's node

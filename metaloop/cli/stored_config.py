@@ -38,7 +38,7 @@ RUN_KEYS: tuple[str, ...] = (
     "command", "recipe", "ckpt_path", "resume_changes", "threads", "memory_format", "test_after_fit",
     "optimized_metric", "sweep", "callbacks", "logger", "hydra", "trainer", "task.num_val_tasks", "task.num_test_tasks",
     "task.eval_meta_batch_size", "task.root", "task.download", "task.datamodule.num_workers", "inner.batch_tasks",
-    "inner.compile",
+    "module.compile",
 )
 _EXPERIMENT_TRAINER_KEYS = ("trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "trainer.accumulate_grad_batches")
 _INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")

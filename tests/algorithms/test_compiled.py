@@ -1,4 +1,4 @@
-"""inner.compile (metaloop.algorithms.compiled): the compiled folded meta-step equals the eager one; auto compiles where it wins."""
+"""compile (metaloop.algorithms.compiled): the compiled folded meta-step equals the eager one; auto compiles where it wins."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def _fit(module: MetaLightningModule, max_steps: int, tmp_path) -> lightning.Tra
 
 
 def test_compile_true_where_the_meta_batch_is_not_folded_is_refused_before_any_step(tmp_path):
-    module = MetaLightningModule(MLP(), Regression(), InnerOptions(batch_tasks="vmap", compile=True), SGD, ADAM)
-    with pytest.raises(ValueError, match=r"inner.compile=true compiles the folded meta-step of one process; this run's tasks are 'vmap'"):
+    module = MetaLightningModule(MLP(), Regression(), InnerOptions(batch_tasks="vmap"), SGD, ADAM, compile=True)
+    with pytest.raises(ValueError, match=r"module.compile=true compiles the folded meta-step of one process; this run's tasks are 'vmap'"):
         _fit(module, 1, tmp_path)
 
 
