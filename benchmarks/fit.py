@@ -59,7 +59,8 @@ def fit_seconds(args: list[str], steps: int, code: Path | None = None) -> tuple[
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-        record = json.loads((Path(run) / "results.json").read_text())
+        results = Path(run) / "results.json"  # older checkouts write none
+        record = json.loads(results.read_text()) if results.is_file() else {}
     return seconds, record.get("meta_steps_per_s")
 
 
