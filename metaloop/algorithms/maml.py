@@ -39,7 +39,7 @@ from metaloop.algorithms.compiled import CompiledMetaStep, compiled_meta_step
 from metaloop.algorithms.learned import Learned
 from metaloop.algorithms.objectives import Objective
 from metaloop.algorithms.options import InnerOptions
-from metaloop.nn.folded import fold, fold_problems
+from metaloop.nn.folded import try_fold
 from metaloop.optim.implicit import implicit_inner_loop
 from metaloop.optim.loop import inner_trajectory
 from metaloop.tasks import Task
@@ -202,7 +202,7 @@ class MetaLightningModule(MetaLearner):
             self.learn(hp_name, spec)
         _refuse_for_implicit(inner, self.inner_modules)
         # the folded network (None where it cannot fold); a learner whose hooks see one task is never folded
-        self.folded = fold(model) if not fold_problems(model) else None
+        self.folded, _ = try_fold(model)
         self.batching = parts.choose_batching(
             model, inner.batch_tasks, inner.first_order, "cpu", folding.fold_learner_problems(self, MetaLightningModule)
         )

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["FOLDABLE", "FoldedModel", "fold", "fold_problems"]
+__all__ = ["FOLDABLE", "FoldedModel", "fold", "fold_problems", "try_fold"]
 
 
 class _Value(NamedTuple):
@@ -250,6 +250,12 @@ def _unfold(value: _Value, tasks: int) -> Tensor:
         return value.tensor
     t = value.tensor
     return t.reshape(t.shape[0], tasks, value.channels, *t.shape[2:]).transpose(0, 1)
+
+
+def try_fold(model: nn.Module) -> tuple[FoldedModel | None, list[str]]:
+    """Returns ``model`` folded and no problems, or None and why it cannot be folded (tracing it once)."""
+    graph, problems = _trace(model)
+    return (None if graph is None else FoldedModel(model, graph)), problems
 
 
 def fold(model: nn.Module) -> FoldedModel:
