@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloop.algorithms.learned import Learned, is_number_or_tuple
+from metaloop.algorithms.options import InnerOptions
 from metaloop.optim import Rule, get_rule
 from metaloop.optim.hyperparams import per_parameter
 from metaloop.optim.loop import vmap_problems
@@ -28,6 +29,7 @@ __all__ = [
     "find_head",
     "learned_values",
     "model_kind",
+    "refuse_for_implicit",
     "read_inner_optimizer",
     "resize_head",
     "select_adapted",
@@ -245,3 +247,22 @@ def _resize_rows(value: Tensor, shape: torch.Size, rows: int) -> Tensor:
     lead = value.ndim - len(shape)
     mean = value.mean(dim=lead, keepdim=True)
     return mean.expand(*value.shape[:lead], rows, *shape[1:])
+
+
+def refuse_for_implicit(inner: InnerOptions, inner_modules: nn.ModuleDict) -> None:
+    """Raises ``ValueError`` for what ``meta_grad="implicit"`` cannot give a gradient: learned transforms, a subset of parameters."""
+    if inner.meta_grad != "implicit":
+        return
+    # iMAML differentiates the initial adapted weights only: anything else the support loss reads would miss
+    # its path through the inner solution
+    if len(inner_modules):
+        raise ValueError(
+            "meta_grad='implicit' gives learned inner hyperparameters or transforms no gradient (the inner "
+            "solution does not depend on them); use learnable=None and a torch.optim inner optimizer, or "
+            "meta_grad='unrolled'"
+        )
+    if inner.params is not None:
+        raise ValueError(
+            f"meta_grad='implicit' adapts all parameters (params={inner.params!r} would leave the "
+            "non-adapted ones without their gradient through the inner solution); use params=None"
+        )

@@ -94,25 +94,6 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def _refuse_for_implicit(inner: InnerOptions, inner_modules: nn.ModuleDict) -> None:
-    """Raises ``ValueError`` for what ``meta_grad="implicit"`` cannot give a gradient: learned transforms, a subset of parameters."""
-    if inner.meta_grad != "implicit":
-        return
-    # iMAML differentiates the initial adapted weights only: anything else the support loss reads would miss
-    # its path through the inner solution
-    if len(inner_modules):
-        raise ValueError(
-            "meta_grad='implicit' gives learned inner hyperparameters or transforms no gradient (the inner "
-            "solution does not depend on them); use learnable=None and a torch.optim inner optimizer, or "
-            "meta_grad='unrolled'"
-        )
-    if inner.params is not None:
-        raise ValueError(
-            f"meta_grad='implicit' adapts all parameters (params={inner.params!r} would leave the "
-            "non-adapted ones without their gradient through the inner solution); use params=None"
-        )
-
-
 class MetaLightningModule(MetaLearner):
     """A learner that meta-learns ``model``'s initial weights, learned inner hyperparameters and transforms.
 
@@ -139,14 +120,9 @@ class MetaLightningModule(MetaLearner):
             disk cache spares a second run the compile): True, False, or None where it wins for the run's length.
         kwargs: :class:`~metaloop.algorithms.MetaLearner`'s (``scheduler``, ``memory_format``).
 
-    Batching: ``inner.batch_tasks="fold"`` adapts a meta-batch at once with the tasks folded into channels
-    (:mod:`metaloop.algorithms.folding`: one network call per inner step, BatchNorm's statistics per task,
-    exact at every order; for the layers of :data:`metaloop.nn.folded.FOLDABLE`, and learners that keep the
-    per-task hooks of :data:`~metaloop.algorithms.folding.FOLD_HOOKS`); ``"vmap"`` under
-    :func:`torch.func.vmap` (one backward), with normalization layers computed by plain operations
-    (:func:`metaloop.nn.exact_norms`), exact at second order; ``"sequential"`` task by task (under DDP only
-    the last task's backward synchronises); ``"auto"``: the first exact path of
-    :data:`metaloop.algorithms.inner.AUTO_BATCHING` for the Trainer's device.
+    Batching (``inner.batch_tasks``, all exact): ``"fold"``, tasks folded into channels (:mod:`metaloop.algorithms.folding`);
+    ``"vmap"`` with plain-operation norms (:func:`metaloop.nn.exact_norms`); ``"sequential"`` task by task (under DDP
+    only the last task's backward synchronises); ``"auto"``: the first exact path of :data:`~metaloop.algorithms.inner.AUTO_BATCHING`.
 
     Precision: under ``trainer.precision="bf16-mixed"`` the inner loop's forward and backward passes run
     under bfloat16 autocast while weights, fast weights, inner optimizer state and learned hyperparameters
@@ -200,7 +176,7 @@ class MetaLightningModule(MetaLearner):
         self._learnable: dict[str, Learned] = {}
         for hp_name, spec in (learnable or {}).items():
             self.learn(hp_name, spec)
-        _refuse_for_implicit(inner, self.inner_modules)
+        parts.refuse_for_implicit(inner, self.inner_modules)
         # the folded network (None where it cannot fold); a learner whose hooks see one task is never folded
         self.folded, _ = try_fold(model)
         self.batching = parts.choose_batching(
