@@ -84,20 +84,44 @@ def _group_norm(module: nn.GroupNorm, prefix: str, weights: Weights, x: _Value, 
     return _Value(y, x.channels)
 
 
+def _per_task(x: _Value, tasks: int, fn: Callable[[Tensor], Tensor]) -> _Value:
+    """Returns ``fn`` applied to the activation laid out per task, ``(T, N, ...)``, in the activation's own layout.
+
+    For layers that act on the last dimension (linear layers, LayerNorm): on folded maps ``(N, T*C, ..., W)``
+    they would mix the tasks' weights, so the maps are unfolded first and folded back after.
+    """
+    y = fn(_unfold(x, tasks))
+    if x.channels is None:
+        return _Value(y, None)
+    return _Value(y.transpose(0, 1).reshape(y.shape[1], -1, *y.shape[3:]), x.channels)
+
+
+def _lead(w: Tensor, dims: int, trailing: int) -> Tensor:
+    """Returns a per-task weight ``(T, *shape)`` viewed to broadcast over ``(T, N, ...)`` of ``dims`` dimensions, its
+    ``trailing`` last dimensions kept."""
+    return w.reshape(w.shape[0], *([1] * (dims - 1 - trailing)), *w.shape[w.dim() - trailing:])
+
+
 def _layer_norm(module: nn.LayerNorm, prefix: str, weights: Weights, x: _Value, tasks: int) -> _Value:
     w, b = weights.get(f"{prefix}weight"), weights.get(f"{prefix}bias")
-    y = F.layer_norm(x.tensor, module.normalized_shape, None, None, module.eps)  # (T, N, F): per example
-    if w is not None:
-        y = y * w.unsqueeze(1)
-    if b is not None:
-        y = y + b.unsqueeze(1)
-    return _Value(y, None)
+
+    def norm(t: Tensor) -> Tensor:  # (T, N, ..., F): per example
+        y = F.layer_norm(t, module.normalized_shape, None, None, module.eps)
+        if w is not None:
+            y = y * _lead(w, y.dim(), 1)
+        return y if b is None else y + _lead(b, y.dim(), 1)
+
+    return _per_task(x, tasks, norm)
 
 
 def _linear(module: nn.Linear, prefix: str, weights: Weights, x: _Value, tasks: int) -> _Value:
     w, b = weights[f"{prefix}weight"], weights.get(f"{prefix}bias")  # (T, out, in), (T, out)
-    y = torch.matmul(x.tensor, w.mT)
-    return _Value(y if b is None else y + b.unsqueeze(1), None)
+
+    def linear(t: Tensor) -> Tensor:  # (T, N, ..., in)
+        y = torch.matmul(t, _lead(w.mT, t.dim(), 2))
+        return y if b is None else y + _lead(b, y.dim(), 1)
+
+    return _per_task(x, tasks, linear)
 
 
 def _per_channel(module: nn.Module, prefix: str, weights: Weights, x: _Value, tasks: int) -> _Value:

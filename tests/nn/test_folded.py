@@ -43,6 +43,17 @@ NETS = {
         ),
         (3,),
     ),
+    # layers acting on the last dimension of feature maps: each task's own weights, not its neighbours'
+    "LayerNorm and linear layers over the width of maps": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.LayerNorm(8), nn.Linear(8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 5, 2)
+        ),
+        (1, 8, 8),
+    ),
+    "sequences (N, C, L): BatchNorm1d over channels, linear over length": (
+        lambda: nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(6, 4), nn.Flatten(), nn.Linear(12, 2)),
+        (3, 6),
+    ),
     "strided conv, average pooling": (
         lambda: nn.Sequential(
             nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.LeakyReLU(),
