@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from metaloop.algorithms.inner import Batching
+from metaloop.algorithms.inner import MEASURE_BATCHING_STEPS, Batching, fastest
 from metaloop.algorithms.objectives import Objective
 from metaloop.lightning.datamodule import MetaDataModule
 from metaloop.lightning.metrics import MeanWithConfidence
@@ -87,6 +89,10 @@ class MetaLearner(lightning.LightningModule):
         #: how a meta-batch is adapted: "sequential" (task by task), "vmap" (see :meth:`over_tasks`) or "fold"
         #: (tasks folded into channels, by learners that implement it); chosen in :meth:`setup`
         self.batching: Batching = "sequential"
+        #: the paths :meth:`measure_batching` will time on the first training meta-batch (empty: none to measure)
+        self.batching_trials: tuple[Batching, ...] = ()
+        #: seconds per meta-step of each path it timed
+        self.batching_seconds: dict[Batching, float] = {}
         self._input_format = resolve_memory_format(memory_format, model, "cpu", "32-true")
         model.to(memory_format=self._input_format)
         self.eval_metrics = nn.ModuleDict({
@@ -157,6 +163,38 @@ class MetaLearner(lightning.LightningModule):
         """Returns how meta-batches are adapted on ``device_type`` under ``precision``: task by task, by default."""
         return "sequential"
 
+    def batching_candidates(self, device_type: str, precision: str) -> tuple[Batching, ...]:
+        """Returns the exact ways to adapt a meta-batch that a long run times (:meth:`measure_batching`); the first is
+        :meth:`choose_batching`'s, which a short run keeps."""
+        return (self.choose_batching(device_type, precision),)
+
+    def measure_batching(self, batch: Task) -> Batching:
+        """Times each of :attr:`batching_trials` on ``batch`` (its second meta-gradient: the first pays one-time
+        costs), keeps the fastest (:func:`~metaloop.algorithms.inner.fastest`) and returns it; the gradients are cleared.
+        Every trial is exact, so the choice changes the speed, not the numbers (up to rounding)."""
+        trials, self.batching_trials = self.batching_trials, ()
+        device = self.trainer.strategy.root_device
+        precision = str(self.trainer.precision)
+        for path in trials:
+            self._use_batching(path, device.type, precision)
+            for _ in range(2):
+                self.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                self.meta_gradient(batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.batching_seconds[path] = time.perf_counter() - start
+        self._use_batching(fastest(self.batching_seconds), device.type, precision)
+        self.zero_grad(set_to_none=True)
+        measured = ", ".join(f"{path} {1e3 * s:.0f} ms" for path, s in self.batching_seconds.items())
+        rank_zero_info(f"batch_tasks=auto: measured {measured} per meta-step; using {self.batching}")
+        return self.batching
+
+    def _use_batching(self, path: Batching, device_type: str, precision: str) -> None:
+        self.batching = path
+        self._input_format = resolve_memory_format(self.memory_format, self.model, device_type, precision, path != "sequential")
+        self.model.to(memory_format=self._input_format)
+
     @property
     def batched(self) -> bool:
         """True when meta-batches are adapted under :func:`torch.func.vmap` (``batching == "vmap"``)."""
@@ -195,6 +233,8 @@ class MetaLearner(lightning.LightningModule):
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: Task, batch_idx: int) -> Tensor:
         """Returns the mean loss of the meta-batch, after one outer step on its :meth:`meta_gradient`."""
+        if self.batching_trials:
+            self.measure_batching(batch)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss, metrics = self.meta_gradient(batch)
@@ -300,8 +340,11 @@ class MetaLearner(lightning.LightningModule):
         """
         check_precision(self.trainer.precision)
         device_type, precision = self.trainer.strategy.root_device.type, str(self.trainer.precision)
-        self.batching = self.choose_batching(device_type, precision)
-        batched = self.batching != "sequential"
-        self._input_format = resolve_memory_format(self.memory_format, self.model, device_type, precision, batched)
-        self.model.to(memory_format=self._input_format)
+        candidates = self.batching_candidates(device_type, precision)
+        self._use_batching(candidates[0], device_type, precision)
+        steps = self.trainer.max_steps
+        long_run = steps == -1 or steps >= MEASURE_BATCHING_STEPS
+        # one process: ranks timing apart could choose apart (every path is exact, but their speeds would differ)
+        measure = stage == "fit" and len(candidates) > 1 and long_run and self.trainer.world_size == 1
+        self.batching_trials = candidates if measure else ()
         self.check_datamodule(self.trainer.datamodule, stage)

@@ -24,6 +24,9 @@ from metaloop.optim.loop import vmap_problems
 
 __all__ = [
     "AUTO_BATCHING",
+    "MEASURE_BATCHING_STEPS",
+    "exact_batchings",
+    "fastest",
     "Batching",
     "choose_batching",
     "find_head",
@@ -39,14 +42,18 @@ OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
 Batching = Literal["sequential", "vmap", "fold"]
 
-# What batch_tasks="auto" picks, by device type and model kind ("conv": it has a 2-D convolution): the first path
-# of the list that is exact for the learner and model (see choose_batching). Measured with benchmarks/fit.py and
-# benchmarks/batched_second_order.py (CPU), benchmarks/gpu.py (CUDA); devices not listed: "cpu".
+# What batch_tasks="auto" tries, by device type and model kind ("conv": it has a 2-D convolution): the paths of the
+# list that are exact for the learner and model (see exact_batchings). A short run takes the first; a run of at least
+# MEASURE_BATCHING_STEPS meta-steps (or bounded by time) times each on its first meta-batch and keeps the fastest
+# (MetaLearner.measure_batching), since which one wins depends on the CPU and the task's size. Measured with
+# benchmarks/fit.py and benchmarks/batched_second_order.py (CPU), benchmarks/gpu.py (CUDA); devices not listed: "cpu".
 AUTO_BATCHING: dict[tuple[str, str], tuple[Batching, ...]] = {
-    # second-order conv-4, meta-batch 16, 2 inner steps, 2 threads of an Intel Xeon (AMX): task by task 1828 ms,
-    # folded 2339 ms (0.78x), vmapped 4189 ms: on CPUs a conv-4's step is bound by arithmetic and memory traffic,
-    # which folding does not reduce (benchmarks/batched_second_order.py; results/results.md)
-    ("cpu", "conv"): ("sequential",),
+    # second-order conv-4, meta-batch 16, 2 inner steps, 2 threads (benchmarks/batched_second_order.py): with 15
+    # queries per class, task by task 1828 ms, folded 2339 ms, vmapped 4189 ms on an Intel Xeon (AMX) and 1541, 2375,
+    # 4597 ms on an AMD EPYC (AVX-512 BF16); with 1 query per class (Finn et al.'s setting) on the AMD EPYC, 690, 976
+    # and 486 ms: on CPUs a conv-4's step is bound by arithmetic and memory traffic, and the fastest path depends on
+    # the task's size, so long runs measure
+    ("cpu", "conv"): ("sequential", "vmap", "fold"),
     # sinusoid MLP, 25 tasks, 5 inner steps, 1 thread: folded 9.0 ms, vmapped 13.3 ms, task by task 88 ms
     ("cpu", "other"): ("fold", "vmap", "sequential"),
     # a conv-4 on a GPU is launch-bound: first-order MAML on an H200 ran 41.8 meta-steps/s vmapped, 2.5 task by task
@@ -55,6 +62,15 @@ AUTO_BATCHING: dict[tuple[str, str], tuple[Batching, ...]] = {
     ("cuda", "conv"): ("fold", "vmap", "sequential"),
     ("cuda", "other"): ("vmap", "fold", "sequential"),
 }
+
+#: runs of at least this many meta-steps (or bounded by time) with batch_tasks="auto" time each exact path on their
+#: first meta-batch (two meta-gradients each, about 1% of such a run) and keep the fastest
+MEASURE_BATCHING_STEPS = 200
+
+
+def fastest(seconds: dict[Batching, float]) -> Batching:
+    """Returns the path of ``seconds`` (its measured time per meta-step) that took least; the first listed on a tie."""
+    return min(seconds, key=lambda path: (seconds[path], list(seconds).index(path)))
 
 
 def model_kind(model: nn.Module) -> str:
@@ -65,7 +81,14 @@ def model_kind(model: nn.Module) -> str:
 def choose_batching(
     model: nn.Module, batch_tasks: str, first_order: bool, device_type: str, fold_problems: list[str]
 ) -> Batching:
-    """Returns how a meta-batch is adapted: ``batch_tasks``, or for ``"auto"`` the first exact path of :data:`AUTO_BATCHING`.
+    """Returns how a meta-batch is adapted: the first of :func:`exact_batchings`."""
+    return exact_batchings(model, batch_tasks, first_order, device_type, fold_problems)[0]
+
+
+def exact_batchings(
+    model: nn.Module, batch_tasks: str, first_order: bool, device_type: str, fold_problems: list[str]
+) -> tuple[Batching, ...]:
+    """Returns the ways a meta-batch may be adapted: ``(batch_tasks,)``, or for ``"auto"`` the exact paths of :data:`AUTO_BATCHING`, in its order.
 
     ``"vmap"``: under :func:`torch.func.vmap` with exact normalization layers; ``"fold"``: tasks folded into
     channels (:mod:`metaloop.algorithms.folding`; ``fold_problems`` says why the learner cannot);
@@ -91,8 +114,8 @@ def choose_batching(
     if batch_tasks == "auto":
         kind = model_kind(model)
         order = AUTO_BATCHING.get((device_type, kind), AUTO_BATCHING[("cpu", kind)])
-        return next(b for b in (*order, "sequential") if not problems[b])
-    return batch_tasks  # type: ignore[return-value]
+        return tuple(b for b in dict.fromkeys((*order, "sequential")) if not problems[b])
+    return (batch_tasks,)  # type: ignore[return-value]
 
 
 def find_head(model: nn.Module, head: str | None) -> str | None:

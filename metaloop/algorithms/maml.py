@@ -431,7 +431,12 @@ class MetaLightningModule(MetaLearner):
         """As :meth:`MetaLearner.setup`, then compiles the folded meta-step where ``compile`` says (:func:`compiled_meta_step`)."""
         super().setup(stage)
         self.compiled = compiled_meta_step(self, stage)
+        if self.compiled is not None:
+            self.batching_trials = ()  # the compiled meta-step is the folded one
 
     def choose_batching(self, device_type: str, precision: str) -> parts.Batching:
+        return self.batching_candidates(device_type, precision)[0]
+
+    def batching_candidates(self, device_type: str, precision: str) -> tuple[parts.Batching, ...]:
         problems = folding.fold_learner_problems(self, MetaLightningModule)
-        return parts.choose_batching(self.model, self.inner.batch_tasks, self.inner.first_order, device_type, problems)
+        return parts.exact_batchings(self.model, self.inner.batch_tasks, self.inner.first_order, device_type, problems)

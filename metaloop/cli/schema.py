@@ -92,6 +92,8 @@ KEYS: dict[str, Key] = {
     "sweep.group": Key("str", hint="the name that groups a sweep's jobs in experiment trackers; empty outside a sweep"),
     "sweep.max_pending_min": Key("number", minimum=0, optional=True, hint="launcher=submitit_slurm: minutes a job may wait in the queue"),
     "task.n_ways": _int(2, optional=True),
+    "task.eval_n_ways": _int(2, optional=True, hint="ways of validation and test tasks; null: task.n_ways"),
+    "task.within": Key("str", optional=True, hint="a grouping of the dataset's classes, e.g. alphabet (Omniglot): each task's classes from one group"),
     "task.k_shots": _int(1),
     "task.k_queries": _int(1),
     "task.meta_batch_size": _int(1),

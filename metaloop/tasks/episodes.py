@@ -306,9 +306,16 @@ class EpisodeSampler:
             (class, rotation) pair is its own class, in every split; the split of a rotated class is
             the split of its original. ``(0, 90, 180, 270)`` quadruples Omniglot's classes (and
             holds four rotated copies of the inputs in memory: 100 MB for the full set at 28x28).
+        eval_n_ways: the ways of validation and test tasks (default: ``n_ways``), so a learner can
+            train on more ways than it is tested on (Snell et al. train ProtoNets 60-way, test 5- and 20-way).
+        within: a grouping the dataset lists in ``dataset.class_groups`` (Omniglot: ``"alphabet"``): every
+            task draws all its classes from one group, chosen uniformly among the split's groups with enough
+            classes (Lake et al.'s one-shot task draws its 20 characters from one alphabet); ``None``
+            (default) draws classes from the whole split.
 
     Raises:
-        ValueError: at construction, when ``n_ways`` exceeds the classes of a non-empty split or
+        ValueError: at construction, when ``n_ways`` (``eval_n_ways``) exceeds the classes of a non-empty split
+            (with ``within``: of every group of the split) or
             ``k_shots + k_queries`` exceeds the examples of a class; when sampling a split with no classes.
     """
 
@@ -322,9 +329,13 @@ class EpisodeSampler:
         split_by: str = "class",
         split_seed: int = 0,
         rotations: Sequence[int] = (0,),
+        eval_n_ways: int | None = None,
+        within: str | None = None,
     ) -> None:
-        _check_positive(n_ways=n_ways, k_shots=k_shots, k_queries=k_queries)
+        eval_n_ways = n_ways if eval_n_ways is None else eval_n_ways
+        _check_positive(n_ways=n_ways, k_shots=k_shots, k_queries=k_queries, eval_n_ways=eval_n_ways)
         self.n_ways, self.k_shots, self.k_queries = n_ways, k_shots, k_queries
+        self.eval_n_ways, self.within = eval_n_ways, within
         x, y = labelled_tensors(dataset)
         labels, y = torch.unique(y, return_inverse=True)
         dataset_names = getattr(dataset, "class_names", None)
@@ -350,8 +361,24 @@ class EpisodeSampler:
             split: torch.tensor([c for c, group in enumerate(groups) if split_of.get(group) == split], dtype=torch.long)
             for split in SPLITS
         }
+        # with `within`: the group of each draw (class x rotation) of a split, and the groups with enough classes
+        self._draw_groups: dict[str, Tensor] = {}
+        self._eligible: dict[str, Tensor] = {}
+        if within is not None:
+            names = _class_groups(dataset, within, labels)
+            index = {name: i for i, name in enumerate(sorted(set(names)))}
+            of_class = torch.tensor([index[name] for name in names], dtype=torch.long)
+            for split, classes in self.class_splits.items():
+                draws = of_class[classes].repeat_interleave(len(self._turns))
+                sizes = torch.bincount(draws, minlength=len(index))
+                self._draw_groups[split] = draws
+                self._eligible[split] = torch.nonzero(sizes >= self.ways(split)).flatten()
         for split, classes in self.class_splits.items():
             self._check_split(split, classes)
+
+    def ways(self, split: str) -> int:
+        """Returns the number of classes of a task of ``split``: ``n_ways`` in training, else ``eval_n_ways``."""
+        return self.n_ways if split == "train" else self.eval_n_ways
 
     def num_classes(self, split: str) -> int:
         """Returns the number of classes in ``split``, counting each rotation of a class as a class."""
@@ -360,10 +387,17 @@ class EpisodeSampler:
     def _check_split(self, split: str, classes: Tensor) -> None:
         if len(classes) == 0:
             return
-        if self.n_ways > self.num_classes(split):
+        ways, name = self.ways(split), "n_ways" if split == "train" else "eval_n_ways"
+        if ways > self.num_classes(split):
             raise ValueError(
-                f"n_ways={self.n_ways} exceeds the {self.num_classes(split)} classes in split {split!r}"
-                f" ({len(classes)} classes x {len(self._turns)} rotations); lower n_ways or give {split!r} more classes"
+                f"{name}={ways} exceeds the {self.num_classes(split)} classes in split {split!r}"
+                f" ({len(classes)} classes x {len(self._turns)} rotations); lower {name} or give {split!r} more classes"
+            )
+        if self.within is not None and len(self._eligible[split]) == 0:
+            largest = int(torch.bincount(self._draw_groups[split]).max())
+            raise ValueError(
+                f"{name}={ways} exceeds the classes of every {self.within} in split {split!r} (within={self.within!r};"
+                f" the largest has {largest} classes, rotations counted); lower {name} or set within=null"
             )
         needed = self.k_shots + self.k_queries
         smallest = int(classes[self._counts[classes].argmin()])
@@ -389,15 +423,21 @@ class EpisodeSampler:
                 f"split {split!r} has no classes (splits are {list(self.class_splits)}, with"
                 f" {[len(c) for c in self.class_splits.values()]} classes); give it classes or do not sample it"
             )
-        ways, slots = self.n_ways, self._members.shape[1]
+        ways, slots = self.ways(split), self._members.shape[1]
         choices = len(classes) * len(self._turns)
-        uniform = torch.stack([torch.rand(choices + ways * slots, generator=g) for g in generators])
+        extra = 0 if self.within is None else 1  # `within`: one more uniform picks each task's group
+        uniform = torch.stack([torch.rand(choices + ways * slots + extra, generator=g) for g in generators])
+        keys = uniform[:, :choices]
+        if self.within is not None:
+            eligible = self._eligible[split]
+            group = eligible[(uniform[:, -1] * len(eligible)).long().clamp_(max=len(eligible) - 1)]
+            keys = keys.masked_fill(self._draw_groups[split] != group[:, None], 2.0)  # other groups' classes sort last
         # the n_ways smallest of `choices` uniforms index n_ways distinct classes, in random order
-        picked = uniform[:, :choices].topk(ways, dim=1, largest=False).indices
+        picked = keys.topk(ways, dim=1, largest=False).indices
         base = classes[picked // len(self._turns)]
         rotation = picked % len(self._turns)
         # a random order of each class's examples: padding slots sort last, so they are never drawn
-        keys = uniform[:, choices:].view(len(generators), ways, slots)
+        keys = uniform[:, choices : choices + ways * slots].view(len(generators), ways, slots)
         keys.masked_fill_(torch.arange(slots) >= self._counts[base, None], 2.0)
         items = self._members[base[..., None], keys.argsort(dim=-1)[..., : self.k_shots + self.k_queries]]
         return Task(

@@ -95,6 +95,49 @@ def test_labels_are_remapped_and_support_query_disjoint(toy: TensorDataset) -> N
         assert len(set(items)) == 20  # no example twice, so support and query never overlap
 
 
+def test_within_a_group_every_task_draws_its_classes_from_one_group(toy: TensorDataset) -> None:
+    # 24 classes in 6 families of 4; with 2 rotations a family holds 8 classes, so 6-way tasks fit in any family
+    sampler = EpisodeSampler(toy, n_ways=6, k_shots=1, k_queries=1, splits=(1.0, 0.0, 0.0), rotations=(0, 180), within="family")
+    families = set()
+    for index in range(60):
+        task = sample_task(sampler, "train", seed=0, index=index)
+        classes = [cls for cls, _, _ in identify(toy, task.support_x)]
+        assert len({c // 4 for c in classes}) == 1, classes  # one family per task
+        assert len(set(zip(classes, [turn for _, _, turn in identify(toy, task.support_x)]))) == 6  # six distinct classes
+        families.add(classes[0] // 4)
+    assert families == set(range(6))  # every family is drawn
+
+
+def test_within_draws_only_groups_with_enough_classes(make_toy: type[TensorDataset]) -> None:
+    # family 0 keeps its 4 classes, family 1 only 2 (classes 6 and 7 are absent): 3-way tasks all come from family 0
+    toy = make_toy(counts=[3] * 6)
+    sampler = EpisodeSampler(toy, n_ways=3, k_shots=1, k_queries=1, splits=(1.0, 0.0, 0.0), within="family")
+    for index in range(20):
+        classes = {cls for cls, _, _ in identify(toy, sample_task(sampler, "train", seed=1, index=index).support_x)}
+        assert classes <= {0, 1, 2, 3} and len(classes) == 3
+    with pytest.raises(ValueError, match=re.escape("n_ways=5 exceeds the classes of every family in split 'train' (within='family'; the largest has 4 classes")):
+        EpisodeSampler(toy, n_ways=5, k_shots=1, k_queries=1, splits=(1.0, 0.0, 0.0), within="family")
+
+
+def test_without_within_tasks_are_drawn_as_before(toy: TensorDataset) -> None:
+    # the option adds a draw only when set: the default stream is unchanged (reproducible runs across versions)
+    sampler = EpisodeSampler(toy, n_ways=3, k_shots=1, k_queries=2)
+    generator = torch.Generator().manual_seed(3)
+    uniform = torch.rand(18 + 3 * 6, generator=torch.Generator().manual_seed(3))
+    task = sampler("train", generator)
+    picked = uniform[:18].topk(3, largest=False).indices
+    assert [cls for cls, _, _ in identify(toy, task.support_x)] == sampler.class_splits["train"][picked].tolist()
+
+
+def test_eval_n_ways_sizes_validation_and_test_tasks(toy: TensorDataset) -> None:
+    sampler = EpisodeSampler(toy, n_ways=6, k_shots=1, k_queries=1, splits=(12, 6, 6), eval_n_ways=4)
+    assert sample_task(sampler, "train", 0, 0).support_y.tolist() == list(range(6))
+    for split in ("val", "test"):
+        assert sample_task(sampler, split, 0, 0).support_y.tolist() == list(range(4))
+    with pytest.raises(ValueError, match=re.escape("eval_n_ways=8 exceeds the 6 classes in split 'val'")):
+        EpisodeSampler(toy, n_ways=6, k_shots=1, k_queries=1, splits=(12, 6, 6), eval_n_ways=8)
+
+
 def test_tasks_are_reproducible_and_distinct(toy: TensorDataset) -> None:
     sampler = EpisodeSampler(toy, n_ways=3, k_shots=1, k_queries=2)
     torch.manual_seed(1)
