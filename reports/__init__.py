@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "max_time", "metaloop_run", "parallel", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
+__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "max_time", "metaloop_run", "parallel", "published_command", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
 
 REPORT_DIR = Path(__file__).resolve().parent
 RUN_DIR = REPORT_DIR.parent / "outputs" / "reports"
@@ -54,6 +55,21 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"metaloop {command} --config {recipe} failed (exit {done.returncode}); end of {log}:\n{tail}")
     return {name: values[-1][1] for name, values in read_metrics(run_dir).items()}
+
+
+def published_command(script: str, argv: Sequence[str] | None) -> str:
+    """Returns the command line of ``python -m reports.SCRIPT ARGV`` as a table cites it: without ``--runs`` and
+    ``--report-dir``, which name folders of one machine and do not change a number."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--runs", "--report-dir"):
+            skip = True
+        elif not arg.startswith(("--runs=", "--report-dir=")):
+            kept.append(shlex.quote(arg))
+    return " ".join([f"python -m reports.{script}", *kept])
 
 
 def max_time(minutes: float | None) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from metaloop.algorithms import MetaLightningModule
 from metaloop.lightning.checkpoint import load_checkpoint
 from metaloop.lightning import MeanWithConfidence
 from metaloop.tasks import EpisodeSampler, Omniglot, sample_task
-from reports import REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, run_info, table, write_report
+from reports import REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, published_command, run_info, table, write_report
 
 #: The bundled minimal splits hold eight alphabets (Greek and Latin are in both zips); two are held out.
 HELD_OUT = ["Balinese", "Early_Aramaic"]
@@ -70,12 +69,17 @@ def evaluate(module: lightning.LightningModule, alphabet: str, episodes: int, qu
     return torch.stack(accuracies)
 
 
+def interval(accuracies: torch.Tensor) -> tuple[float, float]:
+    """Returns the mean and the 95% half-width of accuracies in [0, 1], in percent."""
+    metric = MeanWithConfidence()
+    metric.update(accuracies)
+    mean, half = metric.compute()
+    return 100 * float(mean), 100 * float(half)
+
+
 def percent(accuracies: torch.Tensor) -> str:
     """Returns "mean ± 95% half-width" of accuracies in [0, 1], in percent."""
-    interval = MeanWithConfidence()
-    interval.update(accuracies)
-    mean, half = interval.compute()
-    return f"{100 * mean:.1f} ± {100 * half:.1f}"
+    return "{:.1f} ± {:.1f}".format(*interval(accuracies))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,12 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         "task.num_test_tasks=0",
         "test_after_fit=false",
         "task.datamodule.tasks.split_by=alphabet",
-        # a mapping of alphabets replaces the recipe's list of fractions: delete the key, then add it
-        "~task.datamodule.tasks.splits",
-        f"+task.datamodule.tasks.splits={{{splits}}}",
+        f"task.datamodule.tasks.splits={{{splits}}}",
     ]
     groups = Omniglot().class_groups["alphabet"]
-    command = " ".join(["python -m reports.cross_alphabet", *(sys.argv[1:] if argv is None else argv)])
+    command = published_command("cross_alphabet", argv)
     trained_as = f"{args.train_ways}-way 1-shot" + (", within one alphabet" if args.within else "") + "".join(f", {o}" for o in args.override)
 
     def train_and_score(recipe: str) -> dict[str, Any]:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             "name": name, "recipe": recipe, "trained": trained_as,
             "budget": f"{info['global_step']:,} × {batch}, {fit_min:.1f} min ({args.device.upper()}, 1 thread)",
             "alphabets": {a: percent(acc) for a, acc in scores.items()}, "all": percent(everything),
-            "mean": float(everything.mean()), "command": command,
+            "mean": interval(everything)[0], "ci": interval(everything)[1], "command": command,
         }
 
     store = args.report_dir / "cross_alphabet.json"

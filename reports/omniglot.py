@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, run_info, table, write_report
+from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, published_command, run_info, table, write_report
 
 SETTINGS = {"5-way 1-shot": (5, 1), "5-way 5-shot": (5, 5), "20-way 1-shot": (20, 1)}
 # The recipes in the order of the table; any other recipes/*_omniglot.yaml may be named with --recipes.
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             })
         return rows
 
-    command = " ".join(["python -m reports.omniglot", *(sys.argv[1:] if argv is None else argv)])
+    command = published_command("omniglot", argv)
     store = args.report_dir / "omniglot.json"
 
     def report(results: list[list[dict[str, Any]] | None]) -> None:

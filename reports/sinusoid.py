@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, run_info, table, write_report
+from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, published_command, run_info, table, write_report
 
 # Li, Zhou, Chen & Li (2017), table 1: (mean, 95% half-width) of the test MSE after one step, by K
 PUBLISHED = {
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         lambda recipe=recipe, k=k, run_dir=run_dir: metaloop_run("fit", recipe, run_dir, [*overrides, f"task.k_shots={k}"])
         for (recipe, k), run_dir in runs.items()
     ]
-    command = " ".join(["python -m reports.sinusoid", *(sys.argv[1:] if argv is None else argv)])
+    command = published_command("sinusoid", argv)
 
     store = args.report_dir / "sinusoid.json"
 

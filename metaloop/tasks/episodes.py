@@ -297,7 +297,7 @@ class EpisodeSampler:
     Args:
         splits: how classes are divided among train/val/test (see :func:`split_groups`): three
             fractions or counts of the groups dealt with ``split_seed`` (default: 70/15/15 percent),
-            or a mapping from split name to group names.
+            or a mapping from split name to group names; ``None`` is the default.
         split_by: the unit that ``splits`` divides: ``"class"`` (each class on its own; names come
             from ``dataset.class_names`` when present, else the label value as a string), or a
             grouping the dataset lists in ``dataset.class_groups`` (Omniglot: ``"alphabet"``), which
@@ -306,6 +306,8 @@ class EpisodeSampler:
             (class, rotation) pair is its own class, in every split; the split of a rotated class is
             the split of its original. ``(0, 90, 180, 270)`` quadruples Omniglot's classes (and
             holds four rotated copies of the inputs in memory: 100 MB for the full set at 28x28).
+        eval_rotations: the rotations of validation and test classes, a subset of ``rotations`` (default:
+            ``rotations``); ``[0]`` tests on the characters as drawn, as Lake et al.'s one-shot task does.
         eval_n_ways: the ways of validation and test tasks (default: ``n_ways``), so a learner can
             train on more ways than it is tested on (Snell et al. train ProtoNets 60-way, test 5- and 20-way).
         within: a grouping the dataset lists in ``dataset.class_groups`` (Omniglot: ``"alphabet"``): every
@@ -325,13 +327,15 @@ class EpisodeSampler:
         n_ways: int = 5,
         k_shots: int = 1,
         k_queries: int = 15,
-        splits: Sequence[float] | Mapping[str, Sequence[str]] = (0.7, 0.15, 0.15),
+        splits: Sequence[float] | Mapping[str, Sequence[str]] | None = (0.7, 0.15, 0.15),
         split_by: str = "class",
         split_seed: int = 0,
         rotations: Sequence[int] = (0,),
         eval_n_ways: int | None = None,
         within: str | None = None,
+        eval_rotations: Sequence[int] | None = None,
     ) -> None:
+        splits = (0.7, 0.15, 0.15) if splits is None else splits
         eval_n_ways = n_ways if eval_n_ways is None else eval_n_ways
         _check_positive(n_ways=n_ways, k_shots=k_shots, k_queries=k_queries, eval_n_ways=eval_n_ways)
         self.n_ways, self.k_shots, self.k_queries = n_ways, k_shots, k_queries
@@ -343,6 +347,15 @@ class EpisodeSampler:
             str(dataset_names[label] if dataset_names is not None else label) for label in labels.tolist()
         ]
         self._turns = _quarter_turns(rotations, x.shape)
+        eval_turns = self._turns if eval_rotations is None else _quarter_turns(eval_rotations, x.shape)
+        if not set(eval_turns) <= set(self._turns):
+            raise ValueError(
+                f"eval_rotations={list(eval_rotations or [])} must be among rotations={[90 * t for t in self._turns]}; add them to rotations"
+            )
+        #: per split, the indexes into the precomputed rotations its classes take
+        self._split_turns = {
+            split: torch.tensor([self._turns.index(t) for t in (self._turns if split == "train" else eval_turns)]) for split in SPLITS
+        }
 
         # class -> example index table, padded to the largest class; counts mark the real entries
         self._counts = torch.bincount(y, minlength=len(labels))
@@ -369,7 +382,7 @@ class EpisodeSampler:
             index = {name: i for i, name in enumerate(sorted(set(names)))}
             of_class = torch.tensor([index[name] for name in names], dtype=torch.long)
             for split, classes in self.class_splits.items():
-                draws = of_class[classes].repeat_interleave(len(self._turns))
+                draws = of_class[classes].repeat_interleave(len(self._split_turns[split]))
                 sizes = torch.bincount(draws, minlength=len(index))
                 self._draw_groups[split] = draws
                 self._eligible[split] = torch.nonzero(sizes >= self.ways(split)).flatten()
@@ -382,7 +395,7 @@ class EpisodeSampler:
 
     def num_classes(self, split: str) -> int:
         """Returns the number of classes in ``split``, counting each rotation of a class as a class."""
-        return len(self.class_splits[split]) * len(self._turns)
+        return len(self.class_splits[split]) * len(self._split_turns[split])
 
     def _check_split(self, split: str, classes: Tensor) -> None:
         if len(classes) == 0:
@@ -391,7 +404,7 @@ class EpisodeSampler:
         if ways > self.num_classes(split):
             raise ValueError(
                 f"{name}={ways} exceeds the {self.num_classes(split)} classes in split {split!r}"
-                f" ({len(classes)} classes x {len(self._turns)} rotations); lower {name} or give {split!r} more classes"
+                f" ({len(classes)} classes x {len(self._split_turns[split])} rotations); lower {name} or give {split!r} more classes"
             )
         if self.within is not None and len(self._eligible[split]) == 0:
             largest = int(torch.bincount(self._draw_groups[split]).max())
@@ -424,7 +437,8 @@ class EpisodeSampler:
                 f" {[len(c) for c in self.class_splits.values()]} classes); give it classes or do not sample it"
             )
         ways, slots = self.ways(split), self._members.shape[1]
-        choices = len(classes) * len(self._turns)
+        turns = self._split_turns[split]
+        choices = len(classes) * len(turns)
         extra = 0 if self.within is None else 1  # `within`: one more uniform picks each task's group
         uniform = torch.stack([torch.rand(choices + ways * slots + extra, generator=g) for g in generators])
         keys = uniform[:, :choices]
@@ -434,8 +448,8 @@ class EpisodeSampler:
             keys = keys.masked_fill(self._draw_groups[split] != group[:, None], 2.0)  # other groups' classes sort last
         # the n_ways smallest of `choices` uniforms index n_ways distinct classes, in random order
         picked = keys.topk(ways, dim=1, largest=False).indices
-        base = classes[picked // len(self._turns)]
-        rotation = picked % len(self._turns)
+        base = classes[picked // len(turns)]
+        rotation = turns[picked % len(turns)]
         # a random order of each class's examples: padding slots sort last, so they are never drawn
         keys = uniform[:, choices : choices + ways * slots].view(len(generators), ways, slots)
         keys.masked_fill_(torch.arange(slots) >= self._counts[base, None], 2.0)

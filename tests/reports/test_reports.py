@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,19 @@ def test_cross_alphabet(tmp_path):
     assert "Chance: 5%" in markdown and markdown.count("- `python -m reports.cross_alphabet") == 2
     config = (tmp_path / "runs" / "protonet_omniglot_30way" / ".hydra" / "config.yaml").read_text()
     assert "within: alphabet" in config and "n_ways: 30" in config
+
+
+#: the published row a slow test reruns: a short, step-bounded one (a time-bounded row's meta-steps depend on the machine)
+REPRODUCED_ROW = "protonet_omniglot_200steps"
+
+
+@pytest.mark.slow
+def test_a_published_row_reproduces_within_its_interval(tmp_path):
+    row = json.loads((ROOT / "reports" / "cross_alphabet.json").read_text())[REPRODUCED_ROW]
+    command = shlex.split(row["command"])
+    assert command[:3] == ["python", "-m", "reports.cross_alphabet"] and "--minutes" not in command
+    markdown = run_report("cross_alphabet", tmp_path, *command[3:], picture=False)
+    again = json.loads((tmp_path / "report" / "cross_alphabet.json").read_text())[REPRODUCED_ROW]
+    assert again["budget"].split(",")[0] == row["budget"].split(",")[0]  # the same meta-steps and tasks
+    assert abs(again["mean"] - row["mean"]) <= row["ci"], (again["all"], row["all"])
+    assert f"**{again['all']}**" in markdown

@@ -129,6 +129,15 @@ def test_without_within_tasks_are_drawn_as_before(toy: TensorDataset) -> None:
     assert [cls for cls, _, _ in identify(toy, task.support_x)] == sampler.class_splits["train"][picked].tolist()
 
 
+def test_eval_rotations_keep_test_classes_unrotated(toy: TensorDataset) -> None:
+    sampler = EpisodeSampler(toy, n_ways=4, k_shots=1, k_queries=1, splits=(12, 6, 6), rotations=(0, 90, 180, 270), eval_rotations=(0,))
+    assert (sampler.num_classes("train"), sampler.num_classes("test")) == (48, 6)
+    turns = {split: {turn for i in range(20) for _, _, turn in identify(toy, sample_task(sampler, split, 0, i).support_x)} for split in ("train", "test")}
+    assert turns == {"train": {0, 1, 2, 3}, "test": {0}}
+    with pytest.raises(ValueError, match=re.escape("eval_rotations=[180] must be among rotations=[0, 90]")):
+        EpisodeSampler(toy, n_ways=2, k_shots=1, k_queries=1, rotations=(0, 90), eval_rotations=(180,))
+
+
 def test_eval_n_ways_sizes_validation_and_test_tasks(toy: TensorDataset) -> None:
     sampler = EpisodeSampler(toy, n_ways=6, k_shots=1, k_queries=1, splits=(12, 6, 6), eval_n_ways=4)
     assert sample_task(sampler, "train", 0, 0).support_y.tolist() == list(range(6))
