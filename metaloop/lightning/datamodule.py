@@ -79,6 +79,13 @@ class MetaDataModule(lightning.LightningDataModule):
         ]:
             if value < least:
                 raise ValueError(f"{name}={value} must be at least {least}; pass a larger value")
+        num_classes = getattr(tasks, "num_classes", None)  # an EpisodeSampler says which splits have classes
+        for split, count in (("val", num_val_tasks), ("test", num_test_tasks)):
+            if count and num_classes is not None and num_classes(split) == 0:
+                raise ValueError(
+                    f"num_{split}_tasks={count} but the task source's split {split!r} has no classes;"
+                    f" set num_{split}_tasks=0 (task.num_{split}_tasks=0) or give {split!r} classes in its splits"
+                )
         self.tasks, self.seed = tasks, seed
         self.meta_batch_size, self.eval_meta_batch_size = meta_batch_size, eval_meta_batch_size
         self.num_val_tasks, self.num_test_tasks = num_val_tasks, num_test_tasks

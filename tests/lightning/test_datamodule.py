@@ -142,3 +142,13 @@ def test_lightning_moves_a_task_to_the_device_as_a_task() -> None:
 def test_bad_options_are_refused(option: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MetaDataModule(SinusoidTasks(), **option)
+
+
+def test_evaluating_a_split_without_classes_is_refused_at_construction():
+    images = TensorDataset(torch.rand(24, 1, 5, 5), torch.arange(24) // 4)
+    sampler = EpisodeSampler(images, n_ways=2, k_shots=1, k_queries=1, splits=(6, 0, 0))
+    with pytest.raises(ValueError, match=r"num_val_tasks=2 but the task source's split 'val' has no classes; set num_val_tasks=0"):
+        MetaDataModule(sampler, num_val_tasks=2, num_test_tasks=0)
+    with pytest.raises(ValueError, match=r"num_test_tasks=3 but the task source's split 'test' has no classes"):
+        MetaDataModule(sampler, num_val_tasks=0, num_test_tasks=3)
+    assert MetaDataModule(sampler, num_val_tasks=0, num_test_tasks=0).num_val_tasks == 0
