@@ -42,6 +42,8 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [f"hydra.run.dir={run_dir}", *overrides]
+    results = run_dir / "results.json"
+    finished = results.read_text() if command == "fit" and results.is_file() else None
     if command == "fit" and (run_dir / "checkpoints" / "last.ckpt").is_file():
         args.append("ckpt_path=last")
     if command == "test" and _tested(run_dir, [f"command={command}", f"recipe={recipe}", *overrides]):
@@ -54,6 +56,8 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
     if done.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"metaloop {command} --config {recipe} failed (exit {done.returncode}); end of {log}:\n{tail}")
+    if finished is not None and json.loads(finished)["global_step"] == run_info(run_dir)["global_step"]:
+        results.write_text(finished)  # a finished run resumed without a step: its budget is the fit that made it
     return {name: values[-1][1] for name, values in read_metrics(run_dir).items()}
 
 

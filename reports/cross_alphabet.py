@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         "task.num_test_tasks=0",
         "test_after_fit=false",
         "task.datamodule.tasks.split_by=alphabet",
-        f"task.datamodule.tasks.splits={{{splits}}}",
+        # a mapping of alphabets replaces the recipe's list of fractions: delete the key, then add it
+        "~task.datamodule.tasks.splits",
+        f"+task.datamodule.tasks.splits={{{splits}}}",
     ]
     groups = Omniglot().class_groups["alphabet"]
     command = published_command("cross_alphabet", argv)

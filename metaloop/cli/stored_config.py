@@ -131,10 +131,13 @@ def experiment_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
 
     ``stored`` is a checkpoint's resolved configuration; ``current`` the composed one, unresolved (plain
     containers). A value given by interpolation is not compared: it follows the key it names, which is. Run keys
-    are left out. :data:`ABSENT` stands for a key one side lacks.
+    are left out. :data:`ABSENT` stands for a key one side lacks; a key the checkpoint lacks that is null now is
+    no change (an option added since, whose null keeps the behaviour the checkpoint was fitted with).
 
     >>> experiment_changes({"seed": 0, "inner": {"lr": 0.4}}, {"seed": 0, "inner": {"lr": 0.1}, "threads": 4})
     {'inner.lr': (0.4, 0.1)}
+    >>> experiment_changes({"task": {"n_ways": 5}}, {"task": {"n_ways": 5, "eval_n_ways": None, "within": "alphabet"}})
+    {'task.within': ((none), 'alphabet')}
     """
     changes: dict[str, tuple[Any, Any]] = {}
     for path, value in _leaves({k: v for k, v in current.items() if k != "hydra"}):
@@ -142,6 +145,8 @@ def experiment_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
         if is_run_key(name) or _is_interpolation(value):
             continue
         old = _lookup(stored, path)
+        if old is ABSENT and value is None:
+            continue
         if isinstance(old, Mapping) and old and isinstance(value, Mapping):
             continue  # an empty mapping here, keys there: those keys are compared below
         if not _same(old, value):
