@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "max_time", "metaloop_run", "parallel", "published_command", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
+__all__ = ["RECIPE_DIR", "REPORT_DIR", "RUN_DIR", "max_time", "metaloop_run", "cpu_name", "parallel", "published_command", "plot_curves", "read_metrics", "run_info", "table", "write_report"]
 
 REPORT_DIR = Path(__file__).resolve().parent
 RUN_DIR = REPORT_DIR.parent / "outputs" / "reports"
@@ -59,6 +59,17 @@ def metaloop_run(command: str, recipe: str, run_dir: Path, overrides: Sequence[s
     if finished is not None and json.loads(finished)["global_step"] == run_info(run_dir)["global_step"]:
         results.write_text(finished)  # a finished run resumed without a step: its budget is the fit that made it
     return {name: values[-1][1] for name, values in read_metrics(run_dir).items()}
+
+
+def cpu_name() -> str:
+    """Returns this machine's CPU model as ``/proc/cpuinfo`` names it (e.g. "AMD EPYC"), or "CPU" where it does not."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split()) or "CPU"
+    except OSError:
+        pass
+    return "CPU"
 
 
 def published_command(script: str, argv: Sequence[str] | None) -> str:

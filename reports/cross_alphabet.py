@@ -30,7 +30,7 @@ from metaloop.algorithms import MetaLightningModule
 from metaloop.lightning.checkpoint import load_checkpoint
 from metaloop.lightning import MeanWithConfidence
 from metaloop.tasks import EpisodeSampler, Omniglot, sample_task
-from reports import REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, published_command, run_info, table, write_report
+from reports import REPORT_DIR, RUN_DIR, cpu_name, max_time, metaloop_run, parallel, published_command, run_info, table, write_report
 
 #: The bundled minimal splits hold eight alphabets (Greek and Latin are in both zips); two are held out.
 HELD_OUT = ["Balinese", "Early_Aramaic"]
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         fit_min = info["timings"].get("fit", 0) / 60
         return {
             "name": name, "recipe": recipe, "trained": trained_as,
-            "budget": f"{info['global_step']:,} × {batch}, {fit_min:.1f} min ({args.device.upper()}, 1 thread)",
+            "budget": f"{info['global_step']:,} × {batch}, {fit_min:.1f} min ({'GPU' if args.device == 'gpu' else cpu_name() + ', 1 thread'})",
             "alphabets": {a: percent(acc) for a, acc in scores.items()}, "all": percent(everything),
             "mean": interval(everything)[0], "ci": interval(everything)[1], "command": command,
         }

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, max_time, metaloop_run, parallel, plot_curves, published_command, run_info, table, write_report
+from reports import RECIPE_DIR, REPORT_DIR, RUN_DIR, cpu_name, max_time, metaloop_run, parallel, plot_curves, published_command, run_info, table, write_report
 
 SETTINGS = {"5-way 1-shot": (5, 1), "5-way 5-shot": (5, 5), "20-way 1-shot": (20, 1)}
 # The recipes in the order of the table; any other recipes/*_omniglot.yaml may be named with --recipes.
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         for ways in sorted({*(args.train_ways or [recipe_ways(recipe)]), *([20] if recipe in args.also_20way else [])})
     ]
     trained = {(recipe, ways) for recipe, ways in fits}
-    device = "GPU" if args.device == "gpu" else "CPU, 1 thread"  # metaloop_run gives each fit one thread
+    device = "GPU" if args.device == "gpu" else f"{cpu_name()}, 1 thread"  # metaloop_run gives each fit one thread
 
     def train_and_test(recipe: str, ways: int) -> list[dict[str, Any]]:
         run_dir = args.runs / f"{recipe}_{ways}way"
