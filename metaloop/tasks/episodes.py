@@ -297,7 +297,7 @@ class EpisodeSampler:
     Args:
         splits: how classes are divided among train/val/test (see :func:`split_groups`): three
             fractions or counts of the groups dealt with ``split_seed`` (default: 70/15/15 percent),
-            or a mapping from split name to group names; ``None`` is the default.
+            or a mapping from split name to group names.
         split_by: the unit that ``splits`` divides: ``"class"`` (each class on its own; names come
             from ``dataset.class_names`` when present, else the label value as a string), or a
             grouping the dataset lists in ``dataset.class_groups`` (Omniglot: ``"alphabet"``), which
@@ -327,7 +327,7 @@ class EpisodeSampler:
         n_ways: int = 5,
         k_shots: int = 1,
         k_queries: int = 15,
-        splits: Sequence[float] | Mapping[str, Sequence[str]] | None = (0.7, 0.15, 0.15),
+        splits: Sequence[float] | Mapping[str, Sequence[str]] = (0.7, 0.15, 0.15),
         split_by: str = "class",
         split_seed: int = 0,
         rotations: Sequence[int] = (0,),
@@ -335,7 +335,6 @@ class EpisodeSampler:
         within: str | None = None,
         eval_rotations: Sequence[int] | None = None,
     ) -> None:
-        splits = (0.7, 0.15, 0.15) if splits is None else splits
         eval_n_ways = n_ways if eval_n_ways is None else eval_n_ways
         _check_positive(n_ways=n_ways, k_shots=k_shots, k_queries=k_queries, eval_n_ways=eval_n_ways)
         self.n_ways, self.k_shots, self.k_queries = n_ways, k_shots, k_queries
