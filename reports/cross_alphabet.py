@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         body = (
             table(header, [[r["name"], r["recipe"], r["trained"], r["budget"], *(r["alphabets"][a] for a in HELD_OUT), f"**{r['all']}**"] for r in ordered])
             + f"\n\n20-way 1-shot accuracy % (95% CI). Chance: {100 / WAYS:.0f}%. Every recipe trains with rotations as classes on"
-            + f" every bundled alphabet but the held-out ones ({', '.join(TRAIN)}), without a validation split, and its last"
+            + f" every bundled alphabet but the held-out ones ({', '.join(TRAIN)} train), without a validation split, and its last"
             + f" checkpoint is tested on 20 characters of one held-out alphabet ({', '.join(HELD_OUT)}), one image each,"
             + f" {args.queries} query images per character, unrotated (Lake et al.'s within-alphabet one-shot task)."
             + " A learner with an inner loop adapts with `module.adapt(support, n_ways=20)` from a zero 20-way head;"
