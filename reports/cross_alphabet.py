@@ -47,14 +47,21 @@ def load_module(run_dir: Path, device: str) -> lightning.LightningModule:
     return module.to(device).eval()
 
 
-def evaluate(module: lightning.LightningModule, alphabet: str, episodes: int, queries: int, seed: int) -> torch.Tensor:
-    """Returns the query accuracy of each of ``episodes`` fixed 20-way 1-shot episodes within ``alphabet``.
+def run_dataset(run_dir: Path) -> Omniglot:
+    """Returns the Omniglot dataset a ``metaloop fit`` run folder trained on (its root and ``image_size``), for its test."""
+    return instantiate(OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.datamodule.tasks.dataset)
+
+
+def evaluate(
+    module: lightning.LightningModule, dataset: Omniglot, alphabet: str, episodes: int, queries: int, seed: int
+) -> torch.Tensor:
+    """Returns the query accuracy of each of ``episodes`` fixed 20-way 1-shot episodes within ``alphabet`` of ``dataset``.
 
     A :class:`MetaLightningModule` adapts with ``module.adapt(support, n_ways=20)``; a metric learner
     (ProtoNets, MetaOptNet) fits its head on the embedded support set (``module.task_metrics``).
     """
     sampler = EpisodeSampler(
-        Omniglot(), n_ways=WAYS, k_shots=1, k_queries=queries, splits={"test": [alphabet]}, split_by="alphabet"
+        dataset, n_ways=WAYS, k_shots=1, k_queries=queries, splits={"test": [alphabet]}, split_by="alphabet"
     )
     accuracies = []
     for index in range(episodes):
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         info = run_info(run_dir)
         torch.set_num_threads(1)
         module = load_module(run_dir, "cuda" if args.device == "gpu" else "cpu")
-        scores = {a: evaluate(module, a, args.episodes // len(HELD_OUT), args.queries, seed=0) for a in HELD_OUT}
+        dataset = run_dataset(run_dir)  # the images as the run trained on them (e.g. task...dataset.image_size)
+        scores = {a: evaluate(module, dataset, a, args.episodes // len(HELD_OUT), args.queries, seed=0) for a in HELD_OUT}
         everything = torch.cat(list(scores.values()))
         batch = OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.meta_batch_size
         fit_min = info["timings"].get("fit", 0) / 60
