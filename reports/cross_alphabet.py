@@ -23,12 +23,12 @@ from typing import Any
 
 import lightning
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 from metaloop.algorithms import MetaLightningModule
-from metaloop.lightning.checkpoint import load_checkpoint
 from metaloop.lightning import MeanWithConfidence
+from metaloop.lightning.runs import checkpoint_config, load_run
+from metaloop.lightning.targets import build
 from metaloop.tasks import EpisodeSampler, Omniglot, sample_task
 from reports import REPORT_DIR, RUN_DIR, cpu_name, max_time, metaloop_run, parallel, published_command, run_info, table, write_report
 
@@ -38,18 +38,10 @@ TRAIN = ["Greek", "Japanese_(katakana)", "Korean", "Latin", "Sanskrit", "Tagalog
 WAYS = 20
 
 
-def load_module(run_dir: Path, device: str) -> lightning.LightningModule:
-    """Returns the module of a ``metaloop fit`` run folder: built from its Hydra config, weights from its last checkpoint."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    module = instantiate(cfg.module, _convert_="partial")
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # weights_only: a checkpoint runs no code
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.to(device).eval()
-
-
-def run_dataset(run_dir: Path) -> Omniglot:
-    """Returns the Omniglot dataset a ``metaloop fit`` run folder trained on (its root and ``image_size``), for its test."""
-    return instantiate(OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.datamodule.tasks.dataset)
+def run_dataset(config: DictConfig) -> Omniglot:
+    """Returns the Omniglot dataset of a ``metaloop fit`` run's stored configuration (its root and ``image_size``), to test
+    the run on the images it trained on; built through the allowlist :func:`load_run` builds the module with."""
+    return build(config.task.datamodule.tasks.dataset, source="the run's stored configuration", key="task.datamodule.tasks.dataset")
 
 
 def evaluate(
@@ -139,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         metaloop_run("fit", recipe, run_dir, fit)
         info = run_info(run_dir)
         torch.set_num_threads(1)
-        module = load_module(run_dir, "cuda" if args.device == "gpu" else "cpu")
-        dataset = run_dataset(run_dir)  # the images as the run trained on them (e.g. task...dataset.image_size)
+        module = load_run(run_dir, map_location="cuda" if args.device == "gpu" else "cpu")
+        config = checkpoint_config(run_dir / "checkpoints" / "last.ckpt")
+        dataset = run_dataset(config)
         scores = {a: evaluate(module, dataset, a, args.episodes // len(HELD_OUT), args.queries, seed=0) for a in HELD_OUT}
         everything = torch.cat(list(scores.values()))
-        batch = OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.meta_batch_size
+        batch = config.task.meta_batch_size
         fit_min = info["timings"].get("fit", 0) / 60
         return {
             "name": name, "recipe": recipe, "trained": trained_as,

@@ -17,7 +17,7 @@ from metaloop.tasks import Task
 
 SGD = functools.partial(torch.optim.SGD, lr=0.4)
 #: an outer rule with state; not Adam, whose normalization lifts the round-off in a gradient that is exactly 0 (a conv bias
-#: before BatchNorm) to 1e-9 of a step, so paths that agree to 1e-15 in the meta-gradient would differ in the weights
+#: before BatchNorm) to 1e-9 of a step, so paths whose meta-gradients agree to rounding would differ in the weights
 OUTER = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 
 
